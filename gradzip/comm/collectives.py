@@ -1,0 +1,65 @@
+"""The collectives every method uses, with this worker's byte accounting.
+
+Bytes are counted from the tensors actually handed to the collective, independent of the collective's
+internal algorithm (ring, tree): an all-reduce sends this worker's contribution and receives one aggregate;
+an all-gather sends this worker's payload and receives the other workers' payloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.futures import Future
+
+
+@dataclass
+class CommStats:
+    """Cumulative traffic of this worker."""
+
+    steps: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_uncompressed: int = 0
+    """What a plain fp32 all-reduce of the same gradients would have sent."""
+    collectives: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Comm:
+    """A process group plus the traffic it carried. Knows nothing about what a payload means."""
+
+    group: dist.ProcessGroup | None = None
+    stats: CommStats = field(default_factory=CommStats)
+    trace: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None
+    """When a list, every collective appends (op, shape, dtype): tests count and inspect them."""
+
+    def __post_init__(self) -> None:
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+
+    def _record(self, op: str, t: torch.Tensor, received: int) -> None:
+        self.stats.collectives += 1
+        self.stats.bytes_sent += t.nbytes
+        self.stats.bytes_received += received
+        if self.trace is not None:
+            self.trace.append((op, tuple(t.shape), t.dtype))
+
+    def all_reduce(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        """Sum ``t`` over workers, in place, asynchronously; the future holds ``t``."""
+        self._record("all_reduce", t, t.nbytes)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda _: t)
+
+    def all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        """Every worker's ``t`` stacked as ``[world, *t.shape]``, asynchronously."""
+        out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
+        self._record("all_gather", t, t.nbytes * (self.world - 1))
+        work = dist.all_gather_single(out.view(-1), t.reshape(-1), group=self.group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda _: out)

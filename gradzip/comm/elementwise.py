@@ -1,0 +1,125 @@
+"""Element-wise compressors over DDP buckets: all-reduce when payloads are summable, else all-gather.
+
+Per bucket: compressible matrices are error-compensated and encoded; 1-D tensors and matrices that would not
+compress by ``min_compression_rate`` travel raw; everything goes out as ONE fused message per bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.futures import Future
+
+from gradzip.comm.collectives import Comm
+from gradzip.compress.base import Compressor
+from gradzip.feedback import ErrorFeedback
+from gradzip.fusion import ByteLayout
+from gradzip.reducer import Bucket, Reducer, is_matrix_worth_it, split_message
+
+
+@dataclass
+class _Plan:
+    compressed: list[int]
+    raw: list[int]
+    sizes: list[int]  # summable: float32 message segments, compressed payloads then raw tensors
+    layout: ByteLayout | None  # all-gather: byte layout of the same segments
+
+
+class ElementwiseReducer(Reducer):
+    def __init__(self, compressor: Compressor, comm: Comm, min_rate: float, error_feedback: bool) -> None:
+        super().__init__(comm)
+        caps = compressor.caps
+        if caps.rounds != 1:
+            raise ValueError(
+                f"compressor {compressor.name!r} needs {caps.rounds} rounds; this pattern has one"
+            )
+        if not caps.summable and not caps.fixed_size:
+            raise ValueError(
+                f"compressor {compressor.name!r} has variable-size payloads; all-gather needs fixed"
+            )
+        if caps.summable and any(dt != torch.float32 for dt, _ in compressor.payload_spec(8)):
+            raise ValueError(f"compressor {compressor.name!r}: a summable payload must be float32 to fuse")
+        if not caps.shared_randomness:
+            # Independent randomness per worker (e.g. QSGD's rounding) keeps the aggregate unbiased.
+            compressor.reseed(compressor._seed * 1_000_003 + comm.rank)
+        self.compressor = compressor
+        self.min_rate = min_rate
+        self.ef = ErrorFeedback() if error_feedback else None
+
+    def _make_plan(self, bucket: Bucket) -> _Plan:
+        comp = self.compressor
+        compressed: list[int] = []
+        raw: list[int] = []
+        for i, g in enumerate(bucket.grads):
+            worth = is_matrix_worth_it(g.shape, comp.payload_nbytes(g.numel()) // 4, self.min_rate)
+            (compressed if worth else raw).append(i)
+        specs = [s for i in compressed for s in comp.payload_spec(bucket.grads[i].numel())]
+        specs += [(torch.float32, bucket.grads[i].numel()) for i in raw]
+        if comp.caps.summable:
+            return _Plan(compressed, raw, [n for _, n in specs], None)
+        return _Plan(compressed, raw, [], ByteLayout(specs))
+
+    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+        self.begin(bucket)
+        plan: _Plan = self.plan(bucket, self._make_plan)
+        comp, world = self.compressor, self.comm.world
+        payloads: list[torch.Tensor] = []
+        ctxs: list[Any] = []
+        for i in plan.compressed:
+            g = bucket.grads[i].reshape(-1)
+            p = self.ef.compensate(bucket.keys[i], g) if self.ef else g
+            comp.select_stream(bucket.keys[i], self.step)
+            payload, ctx = comp.encode(p)
+            if self.ef:
+                self.ef.set(bucket.keys[i], comp.residual(p, payload, ctx))
+            payloads += payload
+            ctxs.append(ctx)
+        payloads += [bucket.grads[i].reshape(-1) for i in plan.raw]
+        nc = len(plan.compressed)
+
+        if plan.layout is None:  # summable: one all-reduce, decode the sum
+            msg = torch.cat(payloads) if payloads else bucket.buffer.new_zeros(0)
+
+            def done_sum(f: Future[torch.Tensor]) -> torch.Tensor:
+                parts = split_message(f.value().div_(world), plan.sizes)
+                for j, i in enumerate(plan.compressed):
+                    g = bucket.grads[i]
+                    g.copy_(comp.decode([parts[j]], ctxs[j], g.numel()).view_as(g))
+                for part, i in zip(parts[nc:], plan.raw, strict=True):
+                    bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
+                return bucket.buffer
+
+            fut = self.comm.all_reduce(msg).then(done_sum)
+        else:  # not summable: all-gather every worker's payloads, aggregate them here
+            layout = plan.layout
+            msg = layout.pack(payloads, bucket.buffer.device)
+            per = len(layout.specs) - len(plan.raw)
+            width = per // nc if nc else 0
+
+            def done_gather(f: Future[torch.Tensor]) -> torch.Tensor:
+                views = layout.views(f.value())
+                for j, i in enumerate(plan.compressed):
+                    g = bucket.grads[i]
+                    agg = comp.aggregate(views[j * width : (j + 1) * width], g.numel())
+                    g.copy_(agg.view_as(g))
+                for v, i in zip(views[per:], plan.raw, strict=True):
+                    bucket.grads[i].copy_(v.mean(0).view_as(bucket.grads[i]))
+                return bucket.buffer
+
+            fut = self.comm.all_gather(msg).then(done_gather)
+        self.end(bucket)
+        return fut
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["compressor"] = self.compressor.state_dict()
+        sd["residuals"] = self.ef.state_dict() if self.ef else {}
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.compressor.load_state_dict(sd["compressor"])
+        if self.ef:
+            self.ef.load_state_dict(sd["residuals"])

@@ -1,0 +1,83 @@
+"""The compressor protocol and its declared capabilities.
+
+A compressor turns one flat float tensor into payload tensors and back. It never talks to other processes:
+a communication pattern moves the payloads, and the pairing is checked once, from :class:`Capabilities`,
+when the method is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import zlib
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    summable: bool
+    """Payloads of several workers add up to the payload of their sum: one all-reduce aggregates them."""
+    fixed_size: bool
+    """The payload's size depends only on the tensor's size: it fits a fixed all-gather buffer."""
+    rounds: int = 1
+    """Dependent communication rounds per step (PowerSGD: 2)."""
+    shared_randomness: bool = False
+    """Every worker must draw the same random numbers (seed identically)."""
+    unbiased: bool = False
+    """E[decode(encode(x))] = x, so error feedback is optional."""
+
+
+class Compressor:
+    """Base of the element-wise compressors. Subclasses set ``caps`` and implement the four methods."""
+
+    caps: Capabilities
+    name: str = "compressor"
+
+    def __init__(self, seed: int = 0) -> None:
+        # Randomness is owned: never the global RNG, so training randomness and compression do not interfere.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+        self._seed = seed
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self._seed = seed
+
+    def select_stream(self, key: str, step: int) -> None:
+        """Position the generator for tensor ``key`` at ``step``.
+
+        The draws then depend on (seed, tensor, step) only, not on the order tensors are met in: DDP buckets
+        the first step differently from the later ones, and a resumed run must draw what the original drew.
+        """
+        mixed = (self._seed * 0x9E3779B1 + zlib.crc32(key.encode()) * 0x85EBCA77 + step) % (1 << 63)
+        self.generator.manual_seed(mixed)
+
+    def payload_spec(self, numel: int) -> list[tuple[torch.dtype, int]]:
+        """Dtype and element count of each payload tensor for a tensor of ``numel`` elements."""
+        raise NotImplementedError
+
+    def payload_nbytes(self, numel: int) -> int:
+        return sum(dtype.itemsize * count for dtype, count in self.payload_spec(numel))
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        """Payload tensors of flat ``x`` and a local context that only ``decode`` on this worker needs."""
+        raise NotImplementedError
+
+    def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
+        """Dense tensor of ``numel`` from payloads; payloads may carry leading dims (one row per worker)."""
+        raise NotImplementedError
+
+    def aggregate(self, gathered: list[torch.Tensor], numel: int) -> torch.Tensor:
+        """Mean over workers of the decoded payloads; ``gathered`` tensors are ``[world, ...]``."""
+        return self.decode(gathered, None, numel).mean(0)
+
+    def residual(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        """``p - decode(encode(p))``; compressors override it where a cheaper form exists."""
+        return p - self.decode(payload, ctx, p.numel())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.generator.set_state(sd["generator"])

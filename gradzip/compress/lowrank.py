@@ -1,0 +1,91 @@
+"""What PowerSGD and ACP-SGD share: matrix views, orthogonalization, warm-started factors, the plan.
+
+A parameter's gradient ``G`` is viewed as ``M = G.view(shape[0], -1)`` (conv kernels included). A matrix is
+compressed at rank ``r' = min(r, rows, cols)`` when ``rows*cols >= min_compression_rate * r'*(rows+cols)``;
+1-D tensors and the rest travel raw in the same message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradzip.comm.collectives import Comm
+from gradzip.config import LowRankConfig
+from gradzip.feedback import ErrorFeedback
+from gradzip.reducer import Bucket, Reducer, is_matrix_worth_it
+
+
+def orthogonalize(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``m``'s columns. Householder QR stays orthonormal for rank-deficient
+    input (a zero gradient, a batch smaller than r), where Gram-Schmidt would divide by zero."""
+    return torch.linalg.qr(m, mode="reduced").Q
+
+
+@dataclass
+class LowRankPlan:
+    compressed: list[int]
+    shapes: list[tuple[int, int, int]]  # rows, cols, effective rank of each compressed matrix
+    raw: list[int]
+
+
+class LowRankReducer(Reducer):
+    """State and planning common to the low-rank methods; subclasses implement ``launch``."""
+
+    def __init__(self, cfg: LowRankConfig, comm: Comm) -> None:
+        super().__init__(comm)
+        self.cfg = cfg
+        self.ef = ErrorFeedback()
+        self.p: dict[str, torch.Tensor] = {}  # aggregated left factors (rows x r)
+        self.q: dict[str, torch.Tensor] = {}  # aggregated right factors (cols x r)
+        # Seeded identically on every worker: the first factor must agree everywhere.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(cfg.seed)
+
+    @property
+    def warming_up(self) -> bool:
+        return self.step < self.cfg.warmup_steps
+
+    def _make_plan(self, bucket: Bucket) -> LowRankPlan:
+        compressed, shapes, raw = [], [], []
+        for i, g in enumerate(bucket.grads):
+            if g.ndim >= 2:
+                rows, cols = g.shape[0], g.numel() // g.shape[0]
+                r = min(self.cfg.rank, rows, cols)
+                if is_matrix_worth_it(g.shape, r * (rows + cols), self.cfg.min_compression_rate):
+                    compressed.append(i)
+                    shapes.append((rows, cols, r))
+                    continue
+            raw.append(i)
+        return LowRankPlan(compressed, shapes, raw)
+
+    def lowrank_plan(self, bucket: Bucket) -> LowRankPlan:
+        plan: LowRankPlan = self.plan(bucket, self._make_plan)
+        return plan
+
+    def initial_factor(self, like: torch.Tensor, n: int, r: int) -> torch.Tensor:
+        # Drawn in float32 on the CPU whatever ``like`` is, so every worker's stream is the same.
+        return torch.randn(n, r, generator=self.generator).to(device=like.device, dtype=like.dtype)
+
+    def compensated(self, bucket: Bucket, i: int, rows: int, cols: int) -> torch.Tensor:
+        """``M = G + e`` as a (rows x cols) matrix."""
+        return self.ef.compensate(bucket.keys[i], bucket.grads[i]).view(rows, cols)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd.update(
+            residuals=self.ef.state_dict(),
+            p={k: v.clone() for k, v in self.p.items()},
+            q={k: v.clone() for k, v in self.q.items()},
+            generator=self.generator.get_state(),
+        )
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.ef.load_state_dict(sd["residuals"])
+        self.p = {k: v.clone() for k, v in sd["p"].items()}
+        self.q = {k: v.clone() for k, v in sd["q"].items()}
+        self.generator.set_state(sd["generator"])

@@ -1,0 +1,51 @@
+"""Top-k sparsification (Stich et al. 2018; Lin et al. 2018): keep the k entries of largest magnitude."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gradzip.compress.base import Capabilities, Compressor
+
+
+def k_of(density: float, numel: int) -> int:
+    return max(1, min(numel, math.ceil(density * numel)))
+
+
+def scatter_mean(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """Mean over the leading (worker) dim of sparse tensors given as values and int indices."""
+    out = torch.zeros(numel, dtype=values.dtype, device=values.device)
+    out.index_add_(0, indices.reshape(-1).long(), values.reshape(-1))
+    return out / values.shape[0]
+
+
+class TopK(Compressor):
+    name = "topk"
+    caps = Capabilities(summable=False, fixed_size=True)
+
+    def __init__(self, density: float, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.density = density
+
+    def payload_spec(self, numel: int) -> list[tuple[torch.dtype, int]]:
+        k = k_of(self.density, numel)
+        return [(torch.float32, k), (torch.int32, k)]
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        idx = torch.topk(x.abs(), k_of(self.density, x.numel()), sorted=False).indices
+        return [x[idx], idx.to(torch.int32)], idx
+
+    def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
+        values, indices = payload
+        out = torch.zeros((*values.shape[:-1], numel), dtype=values.dtype, device=values.device)
+        return out.scatter_(-1, indices.long(), values)
+
+    def aggregate(self, gathered: list[torch.Tensor], numel: int) -> torch.Tensor:
+        return scatter_mean(gathered[0], gathered[1], numel)
+
+    def residual(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        e = p.clone()
+        e[ctx] = 0
+        return e

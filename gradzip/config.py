@@ -1,0 +1,104 @@
+"""Method options as dataclasses: one docstring (``help``) per field, validation in ``__post_init__``.
+
+Every option a user can set, on the command line or in ``gradzip.ddp_hook(name, **options)``, is a field of
+one of these classes; the CLI builds its flags from them, so a field's ``help`` is its documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its documentation attached (read back by the CLI and ``gradzip methods``)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {name} must be {valid}")
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by every method."""
+
+    def __post_init__(self) -> None:
+        pass
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field[Any]]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, method: str, options: dict[str, Any]) -> MethodConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            valid = ", ".join(sorted(known)) or "(none)"
+            raise ValueError(f"method {method!r} has no option {unknown[0]!r}; valid options: {valid}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompressedConfig(MethodConfig):
+    """Options of every method that compresses matrices (1-D tensors always travel uncompressed)."""
+
+    min_compression_rate: float = opt(
+        2.0,
+        "a >=2-D tensor is compressed only if raw bytes / compressed bytes is at least this; else sent raw",
+    )
+    seed: int = opt(
+        0, "seed of the compressor's own torch.Generator (identical on all workers where they must agree)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.min_compression_rate >= 0, "min_compression_rate", self.min_compression_rate, ">= 0")
+
+
+@dataclass
+class SignConfig(CompressedConfig):
+    majority_vote: bool = opt(
+        False, "aggregate by majority vote, sign(sum of signs) scaled by the mean scale, instead of the mean"
+    )
+
+
+@dataclass
+class TopKConfig(CompressedConfig):
+    density: float = opt(0.01, "fraction of each tensor's entries sent, k = ceil(density * numel); in (0, 1]")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 < self.density <= 1.0, "density", self.density, "in (0, 1]")
+
+
+@dataclass
+class RandomKConfig(TopKConfig):
+    pass
+
+
+@dataclass
+class QSGDConfig(CompressedConfig):
+    levels: int = opt(16, "quantization levels s per sign (1..127); each element travels as one int8")
+    error_feedback: bool = opt(False, "add error feedback (QSGD is unbiased and does not need it)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(1 <= self.levels <= 127, "levels", self.levels, "an integer in 1..127")
+
+
+@dataclass
+class LowRankConfig(CompressedConfig):
+    rank: int = opt(4, "rank r of the low-rank factors; >= 1")
+    warmup_steps: int = opt(0, "steps of plain uncompressed all-reduce before compression starts; >= 0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")

@@ -1,0 +1,45 @@
+"""Tensor fusion: many tensors packed into one flat buffer so one message pays the latency once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_ALIGN = 8  # every segment starts on an 8-byte boundary so it can be viewed as any dtype
+
+
+class ByteLayout:
+    """Segments of mixed dtypes packed into one uint8 buffer (for all-gathered payloads)."""
+
+    def __init__(self, specs: Sequence[tuple[torch.dtype, int]]) -> None:
+        self.specs = list(specs)
+        self.offsets: list[int] = []
+        off = 0
+        for dtype, count in self.specs:
+            self.offsets.append(off)
+            off += -(-count * dtype.itemsize // _ALIGN) * _ALIGN
+        self.nbytes = off
+
+    def pack(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+        buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        for view, t in zip(self.views(buf), tensors, strict=True):
+            view.copy_(t.reshape(-1))
+        return buf
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Typed views of the segments; ``buf`` may have leading dims (one row per worker)."""
+        out = []
+        for (dtype, count), off in zip(self.specs, self.offsets, strict=True):
+            out.append(buf[..., off : off + count * dtype.itemsize].view(dtype))
+        return out
+
+
+def flat_offsets(sizes: Sequence[int]) -> list[int]:
+    """Start of each segment in a flat buffer of same-dtype tensors laid end to end."""
+    offs, off = [], 0
+    for n in sizes:
+        offs.append(off)
+        off += n
+    offs.append(off)
+    return offs

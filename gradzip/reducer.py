@@ -1,0 +1,90 @@
+"""A reducer turns one bucket of local gradients into the aggregated gradient, asynchronously.
+
+It is the unit the DDP hook adapter drives, one call per bucket per step, in the same bucket order on every
+worker. Its state (residuals, factors, step, RNG) is keyed by parameter names so it survives DDP's bucket
+rebuild and a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.futures import Future
+
+from gradzip.comm.collectives import Comm
+from gradzip.fusion import flat_offsets
+
+
+@dataclass
+class Bucket:
+    """A fused group of gradients; ``grads`` are views of ``buffer``, and results are written into them."""
+
+    buffer: torch.Tensor
+    grads: list[torch.Tensor]
+    keys: list[str]
+    is_last: bool = True
+    index: int = 0
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor], keys: list[str], is_last: bool = True) -> Bucket:
+        """A bucket holding copies of ``tensors`` (for use outside DDP: tests, optimizer wrappers)."""
+        buffer = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+        return cls(buffer, views_of(buffer, [t.shape for t in tensors]), keys, is_last)
+
+
+def views_of(buffer: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    offs = flat_offsets([s.numel() for s in shapes])
+    return [buffer[a:b].view(s) for a, b, s in zip(offs, offs[1:], shapes, strict=False)]
+
+
+def split_message(msg: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    offs = flat_offsets(sizes)
+    return [msg[a:b] for a, b in zip(offs, offs[1:], strict=False)]
+
+
+class Reducer:
+    """Base: step counting, traffic accounting, and the plain all-reduce every method falls back to."""
+
+    def __init__(self, comm: Comm) -> None:
+        self.comm = comm
+        self.step = 0
+        self._plans: dict[tuple[str, ...], Any] = {}
+
+    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+        raise NotImplementedError
+
+    def plan(self, bucket: Bucket, make: Callable[[Bucket], Any]) -> Any:
+        """Per-bucket decisions (what to compress, message layout), computed once per bucket layout."""
+        key = tuple(bucket.keys)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = make(bucket)
+        return plan
+
+    def begin(self, bucket: Bucket) -> None:
+        self.comm.stats.bytes_uncompressed += bucket.buffer.numel() * 4
+
+    def end(self, bucket: Bucket) -> None:
+        if bucket.is_last:
+            self.step += 1
+            self.comm.stats.steps += 1
+
+    def all_reduce_mean(self, bucket: Bucket) -> Future[torch.Tensor]:
+        """The uncompressed baseline: mean of the bucket over workers, written in place."""
+        buf = bucket.buffer
+        buf.div_(self.comm.world)
+        return self.comm.all_reduce(buf)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = int(sd["step"])
+
+
+def is_matrix_worth_it(shape: torch.Size, payload_numel: int, min_rate: float) -> bool:
+    """1-D tensors always travel raw; a matrix only when compression saves at least ``min_rate``."""
+    return len(shape) >= 2 and shape.numel() >= min_rate * payload_numel

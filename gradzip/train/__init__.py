@@ -1,0 +1,1 @@
+"""Training support: datasets (embedded and real on-disk formats) and the model zoo."""

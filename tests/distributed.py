@@ -1,0 +1,81 @@
+"""Run a function in N real processes on gloo and collect what each returns (the shared multi-process fixture).
+
+Each spawn costs a torch import per process, so a test runs many checks inside one call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)  # several workers share 2 cores: one thread each avoids oversubscription
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
+        result = fn(rank, world, *args)
+        # Tensors cross as bytes: torch's shared-memory handover breaks once the worker has exited.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240) -> list[Any]:
+    """``fn(rank, world, *args)`` in ``world`` processes; returns the results ordered by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world and time.monotonic() < deadline:
+        if queue.empty():
+            if not any(p.is_alive() for p in procs) and queue.empty():
+                break
+            time.sleep(0.05)
+            continue
+        rank, ok, value = queue.get()
+        if ok:
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        else:
+            errors.append(f"rank {rank}:\n{value}")
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise AssertionError("worker failed\n" + "\n".join(errors))
+    if len(results) < world:
+        raise AssertionError(f"only ranks {sorted(results)} of {world} finished within {timeout}s")
+    return [results[r] for r in range(world)]

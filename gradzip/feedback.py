@@ -1,6 +1,10 @@
 """Error feedback: what compression dropped is added back next time. Workers and servers use the same piece.
 
-p = g + e;   send C(p);   e = p - decode(C(p))
+    p = g + e;   send C(p);   e = p - decode(C(p))
+
+On the hot path it allocates nothing after the first step: ``compensate`` forms ``p`` inside the residual's
+own buffer, and the caller turns that buffer into the new residual in place (``Compressor.residual_``, or a
+low-rank method's ``M -= P Q^T``).
 """
 
 from __future__ import annotations
@@ -13,17 +17,12 @@ class ErrorFeedback:
         self.residuals: dict[str, torch.Tensor] = {}
 
     def compensate(self, key: str, g: torch.Tensor) -> torch.Tensor:
-        """The compressor's input ``g + e`` (a new tensor; ``g`` is left alone)."""
+        """``p = g + e``, held in the residual's buffer: the caller must leave the new residual in it."""
         e = self.residuals.get(key)
-        return g.clone() if e is None else g + e
-
-    def update(self, key: str, p: torch.Tensor, approx: torch.Tensor) -> None:
-        """Keep ``p - approx``: exactly what the transmitted approximation missed."""
-        e = self.residuals.get(key)
-        if e is None or e.shape != p.shape:
-            self.residuals[key] = p - approx
-        else:
-            torch.sub(p, approx, out=e)
+        if e is None or e.shape != g.shape:
+            e = self.residuals[key] = g.detach().clone()
+            return e
+        return e.add_(g)
 
     def set(self, key: str, residual: torch.Tensor) -> None:
         self.residuals[key] = residual

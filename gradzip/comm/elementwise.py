@@ -72,8 +72,8 @@ class ElementwiseReducer(Reducer):
             p = self.ef.compensate(bucket.keys[i], g) if self.ef else g
             comp.select_stream(bucket.keys[i], self.step)
             payload, ctx = comp.encode(p)
-            if self.ef:
-                self.ef.set(bucket.keys[i], comp.residual(p, payload, ctx))
+            if self.ef:  # the payload holds copies, so p's buffer may now become the residual
+                comp.residual_(p, payload, ctx)
             payloads += payload
             ctxs.append(ctx)
         payloads += [bucket.grads[i].reshape(-1) for i in plan.raw]
@@ -82,8 +82,8 @@ class ElementwiseReducer(Reducer):
         if plan.layout is None:  # summable: one all-reduce, decode the sum
             msg = torch.cat(payloads) if payloads else bucket.buffer.new_zeros(0)
 
-            def done_sum(f: Future[torch.Tensor]) -> torch.Tensor:
-                parts = split_message(f.value().div_(world), plan.sizes)
+            def finish_sum(result: torch.Tensor) -> torch.Tensor:
+                parts = split_message(result.div_(world), plan.sizes)
                 for j, i in enumerate(plan.compressed):
                     g = bucket.grads[i]
                     g.copy_(comp.decode([parts[j]], ctxs[j], g.numel()).view_as(g))
@@ -91,15 +91,15 @@ class ElementwiseReducer(Reducer):
                     bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
                 return bucket.buffer
 
-            fut = self.comm.all_reduce(msg).then(done_sum)
+            fut = self.deferred(bucket, self.comm.all_reduce(msg), finish_sum)
         else:  # not summable: all-gather every worker's payloads, aggregate them here
             layout = plan.layout
             msg = layout.pack(payloads, bucket.buffer.device)
             per = len(layout.specs) - len(plan.raw)
             width = per // nc if nc else 0
 
-            def done_gather(f: Future[torch.Tensor]) -> torch.Tensor:
-                views = layout.views(f.value())
+            def finish_gather(result: torch.Tensor) -> torch.Tensor:
+                views = layout.views(result)
                 for j, i in enumerate(plan.compressed):
                     g = bucket.grads[i]
                     agg = comp.aggregate(views[j * width : (j + 1) * width], g.numel())
@@ -108,7 +108,7 @@ class ElementwiseReducer(Reducer):
                     bucket.grads[i].copy_(v.mean(0).view_as(bucket.grads[i]))
                 return bucket.buffer
 
-            fut = self.comm.all_gather(msg).then(done_gather)
+            fut = self.deferred(bucket, self.comm.all_gather(msg), finish_gather)
         self.end(bucket)
         return fut
 

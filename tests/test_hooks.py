@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: DDP checks a hook's annotations as real objects.
 
-
 import copy
 from typing import Any
 
@@ -62,7 +61,9 @@ def _identical_every_step(rank: int, world: int) -> dict[str, Any]:
         seen = train_steps(model, opt, rank, range(5))
         results[method] = {
             "identical": all(bool((s == s[0]).all()) for s in seen),
-            "moved": float((seen[-1][0] - torch.cat([p.reshape(-1) for p in mixed_net().parameters()])).abs().max()),
+            "moved": float(
+                (seen[-1][0] - torch.cat([p.reshape(-1) for p in mixed_net().parameters()])).abs().max()
+            ),
             "collectives": state.stats.collectives,
             "steps": state.stats.steps,
         }

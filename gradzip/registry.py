@@ -49,7 +49,8 @@ def _elementwise(make: Callable[[Any], Any], error_feedback: Callable[[Any], boo
     def build(cfg: Any, comm: Comm) -> Reducer:
         from gradzip.comm.elementwise import ElementwiseReducer
 
-        return ElementwiseReducer(make(cfg), comm, cfg.min_compression_rate, error_feedback(cfg))
+        momentum = getattr(cfg, "momentum_correction", 0.0)
+        return ElementwiseReducer(make(cfg), comm, cfg.min_compression_rate, error_feedback(cfg), momentum)
 
     return build
 

@@ -26,18 +26,24 @@ def free_port() -> int:
 
 
 def _entry(
-    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any
+    rank: int, world: int, port: int, init: bool, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any
 ) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)  # several workers share 2 cores: one thread each avoids oversubscription
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
-        )
+        if not init:  # fn starts its own process groups, from the environment torchrun would set
+            os.environ.update(
+                RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+            )
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        else:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=60),
+            )
         result = fn(rank, world, *args)
         # Tensors cross as bytes: torch's shared-memory handover breaks once the worker has exited.
         buf = io.BytesIO()
@@ -50,12 +56,17 @@ def _entry(
             dist.destroy_process_group()
 
 
-def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240) -> list[Any]:
-    """``fn(rank, world, *args)`` in ``world`` processes; returns the results ordered by rank."""
+def run_workers(
+    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240, init: bool = True
+) -> list[Any]:
+    """``fn(rank, world, *args)`` in ``world`` processes; returns the results ordered by rank.
+
+    With ``init`` the processes join one gloo group first; without it they only get torchrun's environment
+    variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT...) and ``fn`` starts its own groups."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, init, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

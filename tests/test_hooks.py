@@ -163,7 +163,7 @@ HAND_BYTES = {
     "signsgd": [_pad8(4) + 2048 // 8 + _pad8(4) + 1024 // 8 + 4 * 64 + 4 * 16],
     # k = ceil(0.01 d): 21 and 11 values (fp32) + as many int32 indices
     "topk": [2 * _pad8(4 * 21) + 2 * _pad8(4 * 11) + 4 * 64 + 4 * 16],
-    "randomk": [4 * (21 + 11 + 64 + 16)],
+    "randomk": [4 * (205 + 103 + 64 + 16)],  # density 0.1: k = 205 and 103
     # norm + one int8 per element
     "qsgd": [_pad8(4) + 2048 + _pad8(4) + 1024 + 4 * 64 + 4 * 16],
     # P (64x4, 16x4) with the biases, then Q (32x4, 64x4)
@@ -272,3 +272,45 @@ def test_bad_method_and_options_name_the_valid_ones() -> None:
         gradzip.ddp_hook("powersgd", rank=0)
     with pytest.raises(ValueError, match="density=1.5"):
         gradzip.ddp_hook("topk", density=1.5)
+
+
+def bias_free_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16, bias=False), nn.Tanh(), nn.Linear(16, 4, bias=False))
+
+
+def _momentum_correction(rank: int, world: int) -> dict[str, float]:
+    """Parameters after 5 steps with DGC momentum correction (top-k at density 1) against ssgd references."""
+
+    def run(name: str, options: dict[str, Any], optimizer_momentum: float) -> torch.Tensor:
+        model = DDP(bias_free_net())
+        state, hook = gradzip.ddp_hook(name, model=model, **options)
+        model.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=optimizer_momentum)
+        for step in range(5):
+            x = torch.randn(8, 10, generator=torch.Generator().manual_seed(10 * step + rank))
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    plain, momentum = run("ssgd", {}, 0.0), run("ssgd", {}, 0.9)
+    sparsified = run("topk", {"density": 1.0, "momentum_correction": 0.9, "min_compression_rate": 0.0}, 0.0)
+    dense = run("topk", {"density": 1.0, "momentum_correction": 0.9, "min_compression_rate": 1e9}, 0.0)
+    return {
+        "sparsified_vs_plain": float((sparsified - plain).abs().max()),
+        "sparsified_vs_momentum": float((sparsified - momentum).abs().max()),
+        "dense_vs_momentum": float((dense - momentum).abs().max()),
+        "dense_vs_plain": float((dense - plain).abs().max()),
+    }
+
+
+def test_momentum_correction_masks_sent_entries_and_keeps_momentum_for_dense_tensors() -> None:
+    # Through the sparsifier at density 1 every entry is sent each step, so DGC's momentum factor masking
+    # clears the whole velocity: what remains is plain SGD. Tensors that travel raw (here: all of them, by a
+    # huge min_compression_rate) are sent every step without masking: exactly momentum SGD. Each comparison
+    # has the other reference as its negative control. (On the default task random-k at 10% reaches 98.6%
+    # with masking and 15% without.)
+    gaps = run_workers(_momentum_correction, 2)[0]
+    assert gaps["sparsified_vs_plain"] < 1e-6 < 1e-3 < gaps["sparsified_vs_momentum"], gaps
+    assert gaps["dense_vs_momentum"] < 1e-6 < 1e-3 < gaps["dense_vs_plain"], gaps

@@ -28,7 +28,14 @@ class _Plan:
 
 
 class ElementwiseReducer(Reducer):
-    def __init__(self, compressor: Compressor, comm: Comm, min_rate: float, error_feedback: bool) -> None:
+    def __init__(
+        self,
+        compressor: Compressor,
+        comm: Comm,
+        min_rate: float,
+        error_feedback: bool,
+        momentum_correction: float = 0.0,
+    ) -> None:
         super().__init__(comm)
         caps = compressor.caps
         if caps.rounds != 1:
@@ -47,6 +54,11 @@ class ElementwiseReducer(Reducer):
         self.compressor = compressor
         self.min_rate = min_rate
         self.ef = ErrorFeedback() if error_feedback else None
+        # DGC (Lin et al. 2018): with sparsified updates, optimizer momentum amplifies the rare large bursts
+        # that error feedback releases; accumulating velocity u = m*u + g here instead, and masking the
+        # entries just sent, keeps the effective update close to momentum SGD.
+        self.momentum = momentum_correction
+        self.velocity: dict[str, torch.Tensor] = {}
 
     def _make_plan(self, bucket: Bucket) -> _Plan:
         comp = self.compressor
@@ -61,6 +73,17 @@ class ElementwiseReducer(Reducer):
             return _Plan(compressed, raw, [n for _, n in specs], None)
         return _Plan(compressed, raw, [], ByteLayout(specs))
 
+    def _with_momentum(self, bucket: Bucket, i: int) -> torch.Tensor:
+        """The flat tensor to send for ``bucket.grads[i]``: the gradient, or its locally kept velocity."""
+        g = bucket.grads[i].reshape(-1)
+        if not self.momentum:
+            return g
+        u = self.velocity.get(bucket.keys[i])
+        if u is None:
+            u = self.velocity[bucket.keys[i]] = g.detach().clone()
+            return u
+        return u.mul_(self.momentum).add_(g)
+
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
         self.begin(bucket)
         plan: _Plan = self.plan(bucket, self._make_plan)
@@ -68,15 +91,17 @@ class ElementwiseReducer(Reducer):
         payloads: list[torch.Tensor] = []
         ctxs: list[Any] = []
         for i in plan.compressed:
-            g = bucket.grads[i].reshape(-1)
+            g = self._with_momentum(bucket, i)
             p = self.ef.compensate(bucket.keys[i], g) if self.ef else g
             comp.select_stream(bucket.keys[i], self.step)
             payload, ctx = comp.encode(p)
             if self.ef:  # the payload holds copies, so p's buffer may now become the residual
                 comp.residual_(p, payload, ctx)
+            if self.momentum:
+                comp.mask_sent_(g, ctx)
             payloads += payload
             ctxs.append(ctx)
-        payloads += [bucket.grads[i].reshape(-1) for i in plan.raw]
+        payloads += [self._with_momentum(bucket, i) for i in plan.raw]
         nc = len(plan.compressed)
 
         if plan.layout is None:  # summable: one all-reduce, decode the sum
@@ -116,6 +141,7 @@ class ElementwiseReducer(Reducer):
         sd = super().state_dict()
         sd["compressor"] = self.compressor.state_dict()
         sd["residuals"] = self.ef.state_dict() if self.ef else {}
+        sd["velocity"] = {k: v.clone() for k, v in self.velocity.items()}
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -123,3 +149,4 @@ class ElementwiseReducer(Reducer):
         self.compressor.load_state_dict(sd["compressor"])
         if self.ef:
             self.ef.load_state_dict(sd["residuals"])
+        self.velocity = {k: v.clone() for k, v in sd.get("velocity", {}).items()}

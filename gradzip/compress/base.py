@@ -78,6 +78,11 @@ class Compressor:
         """Turn ``p`` into ``p - decode(encode(p))`` in place (the new error-feedback residual)."""
         return p.sub_(self.decode(payload, ctx, p.numel()))
 
+    def mask_sent_(self, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Zero the entries of ``t`` that this step's payload carried (sparsifiers only; DGC's momentum
+        factor masking). Compressors that send every entry do not support momentum correction."""
+        raise ValueError(f"compressor {self.name!r} does not support momentum correction")
+
     def residual(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
         """``p - decode(encode(p))`` as a new tensor."""
         return self.residual_(p.clone(), payload, ctx)

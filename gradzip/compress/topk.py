@@ -46,5 +46,8 @@ class TopK(Compressor):
         return scatter_mean(gathered[0], gathered[1], numel)
 
     def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
-        p[ctx] = 0  # what was sent is exactly p at the chosen indices
-        return p
+        return self.mask_sent_(p, ctx)  # what was sent is exactly p at the chosen indices
+
+    def mask_sent_(self, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        t[ctx] = 0
+        return t

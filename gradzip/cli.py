@@ -95,6 +95,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the ``None`` of options whose help already says what happens when absent."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradzip.train.data import EMBEDDED
     from gradzip.train.loop import BACKENDS, DEFAULT_STEPS, TrainConfig
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model data-parallel with a gradient compression method",
         description="Train a model with DDP and a gradzip communication hook on local worker processes, "
         "or on torchrun's processes when started by torchrun (torchrun ... -m gradzip train ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     train.add_argument("--method", default=d.method, choices=methods(), help="compression method")
     train.add_argument(

@@ -7,6 +7,7 @@ one of these classes; the CLI builds its flags from them, so a field's ``help`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +22,28 @@ def _check(ok: bool, name: str, value: Any, valid: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {name} must be {valid}")
 
 
+def _check_type(name: str, annotation: Any, value: Any) -> Any:
+    """The value of a bool, int or float field, type-checked (ints are accepted for floats)."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if kind == "bool":
+        _check(isinstance(value, bool), name, value, "true or false")
+    elif kind == "int":
+        _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _check(ok, name, value, "a finite number")
+        return float(value)
+    return value
+
+
 @dataclass
 class MethodConfig:
     """Options shared by every method."""
 
     def __post_init__(self) -> None:
-        pass
+        # Types first, so every later check compares numbers, and a wrong type is a ValueError naming it.
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f.name, f.type, getattr(self, f.name)))
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field[Any]]:
@@ -113,5 +130,5 @@ class LowRankConfig(CompressedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
+        _check(self.rank >= 1, "rank", self.rank, "an integer >= 1")
         _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")

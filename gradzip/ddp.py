@@ -68,13 +68,29 @@ class HookState:
             raise ValueError(
                 f"state was saved by method {sd.get('method')!r}; this hook runs {self.method!r}"
             )
+        if sd.get("options") != self.options:
+            raise ValueError(
+                f"state was saved with options {sd.get('options')}; this hook has {self.options}"
+            )
+        known = set(CommStats.__dataclass_fields__)
+        unknown = sorted(set(sd.get("stats", {})) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown stats field {unknown[0]!r} in state; valid: {', '.join(sorted(known))}"
+            )
         self.reducer.load_state_dict(sd["reducer"])
         for k, v in sd.get("stats", {}).items():
-            setattr(self.stats, k, v)
+            setattr(self.stats, k, int(v))
 
 
 def _hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    return state.reducer.launch(state.bucket(bucket))
+    try:
+        return state.reducer.launch(state.bucket(bucket))
+    except BaseException:
+        # Forget this step's half-finished buckets: left behind, they would be completed (and PowerSGD's
+        # second round issued) on this worker alone at the next step, out of order with the others.
+        state.reducer.abort_step()
+        raise
 
 
 def ddp_hook(

@@ -19,9 +19,13 @@ class ErrorFeedback:
     def compensate(self, key: str, g: torch.Tensor) -> torch.Tensor:
         """``p = g + e``, held in the residual's buffer: the caller must leave the new residual in it."""
         e = self.residuals.get(key)
-        if e is None or e.shape != g.shape:
+        if e is None:
             e = self.residuals[key] = g.detach().clone()
             return e
+        if e.shape != g.shape:
+            raise ValueError(f"residual of {key!r} has shape {tuple(e.shape)}, its gradient {tuple(g.shape)}")
+        if e.device != g.device or e.dtype != g.dtype:  # e.g. a checkpoint loaded with map_location="cpu"
+            e = self.residuals[key] = e.to(device=g.device, dtype=g.dtype)
         return e.add_(g)
 
     def set(self, key: str, residual: torch.Tensor) -> None:

@@ -22,7 +22,8 @@ class ByteLayout:
         self.nbytes = off
 
     def pack(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-        buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        # Zeroed, not empty: the alignment padding travels too, and should not carry stale memory.
+        buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         for view, t in zip(self.views(buf), tensors, strict=True):
             view.copy_(t.reshape(-1))
         return buf

@@ -73,7 +73,7 @@ class Reducer:
         return plan
 
     def begin(self, bucket: Bucket) -> None:
-        self.comm.stats.bytes_uncompressed += bucket.buffer.numel() * 4
+        self.comm.stats.bytes_uncompressed += bucket.buffer.nbytes
 
     def end(self, bucket: Bucket) -> None:
         if bucket.is_last:
@@ -99,6 +99,10 @@ class Reducer:
             self._deferred = []
         return out
 
+    def abort_step(self) -> None:
+        """Drop the buckets of a step that failed part-way (the error propagates to the caller)."""
+        self._deferred = []
+
     def all_reduce_mean(self, bucket: Bucket) -> Future[torch.Tensor]:
         """The uncompressed baseline: mean of the bucket over workers, written in place."""
         buf = bucket.buffer
@@ -112,6 +116,6 @@ class Reducer:
         self.step = int(sd["step"])
 
 
-def is_matrix_worth_it(shape: torch.Size, payload_numel: int, min_rate: float) -> bool:
+def is_matrix_worth_it(shape: torch.Size, payload_bytes: int, min_rate: float, itemsize: int = 4) -> bool:
     """1-D tensors always travel raw; a matrix only when compression saves at least ``min_rate``."""
-    return len(shape) >= 2 and shape.numel() >= min_rate * payload_numel
+    return len(shape) >= 2 and shape.numel() * itemsize >= min_rate * payload_bytes

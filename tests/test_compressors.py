@@ -361,6 +361,13 @@ def test_elementwise_rejects_incompatible_caps(group: None) -> None:
         ("powersgd", {"rank": 0}, ["rank=0", ">= 1"]),
         ("topk", {"density": 1.5}, ["density=1.5", "(0, 1]"]),
         ("qsgd", {"levels": 0}, ["levels=0", "1..127"]),
+        ("qsgd", {"levels": 4.5}, ["levels=4.5", "integer"]),
+        ("acpsgd", {"rank": True}, ["rank=True", "integer"]),
+        ("acpsgd", {"warmup_steps": 1.5}, ["warmup_steps=1.5", "integer"]),
+        ("signsgd", {"majority_vote": "no"}, ["majority_vote='no'", "true or false"]),
+        ("topk", {"density": "0.1"}, ["density='0.1'", "number"]),
+        ("topk", {"min_compression_rate": None}, ["min_compression_rate=None", "number"]),
+        ("randomk", {"seed": 0.5}, ["seed=0.5", "integer"]),
     ],
 )
 def test_make_config_errors(name: str, options: dict[str, Any], needles: list[str]) -> None:
@@ -496,3 +503,18 @@ def test_powersgd_two_rounds_per_step(group: None) -> None:
     p_size = 32 * rank + 64 * rank + 16
     q_size = 16 * rank + 8 * rank
     assert [shape for _, shape, _ in comm.trace] == [(p_size,), (q_size,)] * 2
+
+
+def test_load_state_dict_refuses_other_options_and_fields(group: None) -> None:
+    state, _ = gradzip.ddp_hook("acpsgd", rank=4)
+    saved = state.state_dict()
+    other, _ = gradzip.ddp_hook("acpsgd", rank=2)
+    with pytest.raises(ValueError, match="options"):
+        other.load_state_dict(saved)
+    with pytest.raises(ValueError, match="method"):
+        gradzip.ddp_hook("powersgd", rank=4)[0].load_state_dict(saved)
+    with pytest.raises(ValueError, match="bogus"):
+        state.load_state_dict({**saved, "stats": {**saved["stats"], "bogus": 1}})
+    twin, _ = gradzip.ddp_hook("acpsgd", rank=4)
+    twin.load_state_dict(saved)  # control: the same method and options load
+    assert twin.state_dict()["reducer"]["step"] == saved["reducer"]["step"]

@@ -22,7 +22,7 @@ class CommStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_uncompressed: int = 0
-    """What a plain fp32 all-reduce of the same gradients would have sent."""
+    """What a plain all-reduce of the same gradients would have sent."""
     collectives: int = 0
 
     def to_dict(self) -> dict[str, int]:

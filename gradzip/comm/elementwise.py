@@ -65,7 +65,8 @@ class ElementwiseReducer(Reducer):
         compressed: list[int] = []
         raw: list[int] = []
         for i, g in enumerate(bucket.grads):
-            worth = is_matrix_worth_it(g.shape, comp.payload_nbytes(g.numel()) // 4, self.min_rate)
+            sent = ByteLayout(comp.payload_spec(g.numel())).nbytes  # with the alignment padding
+            worth = is_matrix_worth_it(g.shape, sent, self.min_rate, g.element_size())
             (compressed if worth else raw).append(i)
         specs = [s for i in compressed for s in comp.payload_spec(bucket.grads[i].numel())]
         specs += [(torch.float32, bucket.grads[i].numel()) for i in raw]

@@ -14,8 +14,14 @@ from __future__ import annotations
 import torch
 from torch.futures import Future
 
-from gradzip.compress.lowrank import LowRankReducer, expand_into, orthogonalize, times_left, times_right
-from gradzip.reducer import Bucket, split_message
+from gradzip.compress.lowrank import (
+    LowRankReducer,
+    expand_into,
+    left_factor_t,
+    orthogonalize,
+    right_factor_t,
+)
+from gradzip.reducer import Bucket
 
 
 class ACPSGD(LowRankReducer):
@@ -31,41 +37,40 @@ class ACPSGD(LowRankReducer):
             return fut
         plan = self.lowrank_plan(bucket)
         p_step = self.p_step
-        bases, parts, sizes = [], [], []
-        for i, (rows, cols, r) in zip(plan.compressed, plan.shapes, strict=True):
+        msg, slots, raw = plan.message(bucket, [rows if p_step else cols for rows, cols, _ in plan.shapes])
+        bases = []
+        for i, slot, (rows, cols, r) in zip(plan.compressed, slots, plan.shapes, strict=True):
             key = bucket.keys[i]
             m = self.compensated(bucket, i, rows, cols)
-            # The new residual M - (local approximation) is formed in M's own buffer: no temporary.
+            # The factor goes straight into its message slot; the new residual M - (local approximation)
+            # is formed in M's own buffer. Both before the all-reduce starts to work on the message.
             if p_step:
-                q = self.q.get(key)
+                q = self.factor(self.q, key, m)
                 basis = orthogonalize(q if q is not None else self.initial_factor(m, cols, r))
-                factor = times_right(m, basis)
-                m.addmm_(factor, basis.T, alpha=-1)
+                p_t = right_factor_t(m, basis, slot)
+                m.addmm_(p_t.T, basis.T, alpha=-1)
             else:
-                basis = orthogonalize(self.p[key])
-                factor = times_left(m, basis)
-                m.addmm_(basis, factor.T, alpha=-1)
+                p = self.factor(self.p, key, m)
+                assert p is not None, f"Q-step for {key!r} without last step's P"
+                basis = orthogonalize(p)
+                q_t = left_factor_t(m, basis, slot)
+                m.addmm_(basis, q_t, alpha=-1)
             bases.append(basis)
-            parts.append(factor.reshape(-1))
-            sizes.append(factor.numel())
-        parts += [bucket.grads[i].reshape(-1) for i in plan.raw]
-        sizes += [bucket.grads[i].numel() for i in plan.raw]
-        msg = torch.cat(parts) if parts else bucket.buffer.new_zeros(0)
         world, store = self.comm.world, (self.p if p_step else self.q)
 
         def finish(result: torch.Tensor) -> torch.Tensor:
-            views = split_message(result.div_(world), sizes)
-            n = len(plan.compressed)
-            for view, basis, i, (rows, cols, r) in zip(
-                views, bases, plan.compressed, plan.shapes, strict=False
+            result.div_(world)
+            for slot, basis, i, (rows, cols, _) in zip(
+                slots, bases, plan.compressed, plan.shapes, strict=True
             ):
-                g = bucket.grads[i]
-                factor = view.view(rows if p_step else cols, r).clone()
+                factor = slot.T.clone()  # the aggregated P (rows x r) or Q (cols x r): next step's warm start
                 store[bucket.keys[i]] = factor
-                out = g.view(rows, cols)
-                expand_into(out, factor, basis) if p_step else expand_into(out, basis, factor)
-            for view, i in zip(views[n:], plan.raw, strict=True):
-                bucket.grads[i].copy_(view.view_as(bucket.grads[i]))
+                out = bucket.grads[i].view(rows, cols)
+                if p_step:
+                    expand_into(out, factor, basis)
+                else:
+                    expand_into(out, basis, factor)
+            plan.unpack_raw(bucket, raw)
             return bucket.buffer
 
         fut = self.deferred(bucket, self.comm.all_reduce(msg), finish)

@@ -39,10 +39,12 @@ class Compressor:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self._seed = seed
+        self._stream = seed
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
         self._seed = seed
+        self._position(seed)
 
     def select_stream(self, key: str, step: int) -> None:
         """Position the generator for tensor ``key`` at ``step``.
@@ -50,8 +52,24 @@ class Compressor:
         The draws then depend on (seed, tensor, step) only, not on the order tensors are met in: DDP buckets
         the first step differently from the later ones, and a resumed run must draw what the original drew.
         """
-        mixed = (self._seed * 0x9E3779B1 + zlib.crc32(key.encode()) * 0x85EBCA77 + step) % (1 << 63)
-        self.generator.manual_seed(mixed)
+        self._position((self._seed * 0x9E3779B1 + zlib.crc32(key.encode()) * 0x85EBCA77 + step) % (1 << 63))
+
+    def _position(self, stream: int) -> None:
+        self._stream = stream
+        self.generator.manual_seed(stream)
+        for g in self._device_generators.values():
+            g.manual_seed(stream)
+
+    def rng(self, device: torch.device) -> torch.Generator:
+        """The generator to draw with for tensors on ``device``: random numbers are made where they are used,
+        never drawn on the CPU and copied to an accelerator on every step."""
+        if device.type == "cpu":
+            return self.generator
+        g = self._device_generators.get(device)
+        if g is None:
+            g = self._device_generators[device] = torch.Generator(device=device)
+            g.manual_seed(self._stream)
+        return g
 
     def payload_spec(self, numel: int) -> list[tuple[torch.dtype, int]]:
         """Dtype and element count of each payload tensor for a tensor of ``numel`` elements."""

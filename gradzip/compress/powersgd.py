@@ -11,7 +11,7 @@ interleave the two rounds of different buckets in different orders, which gloo r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.futures import Future
@@ -21,9 +21,9 @@ from gradzip.compress.lowrank import (
     LowRankPlan,
     LowRankReducer,
     expand_into,
+    left_factor_t,
     orthogonalize,
-    times_left,
-    times_right,
+    right_factor_t,
 )
 from gradzip.config import LowRankConfig
 from gradzip.reducer import Bucket, new_future, split_message
@@ -35,15 +35,22 @@ class _Pending:
     plan: LowRankPlan
     ms: list[torch.Tensor]
     p_round: Future[torch.Tensor]
+    p_slots: list[torch.Tensor]  # P^T of each matrix, inside the first message
+    raw: list[torch.Tensor]
     out: Future[torch.Tensor]
-    phats: list[torch.Tensor] | None = None
+    phats: list[torch.Tensor] = field(default_factory=list)
     q_round: Future[torch.Tensor] | None = None
+    q_slots: list[torch.Tensor] = field(default_factory=list)
 
 
 class PowerSGD(LowRankReducer):
     def __init__(self, cfg: LowRankConfig, comm: Comm) -> None:
         super().__init__(cfg, comm)
         self._pending: list[_Pending] = []  # buckets of this step whose second round has not run yet
+
+    def abort_step(self) -> None:
+        super().abort_step()
+        self._pending = []
 
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
         self.begin(bucket)
@@ -52,19 +59,18 @@ class PowerSGD(LowRankReducer):
             self.end(bucket)
             return fut
         plan = self.lowrank_plan(bucket)
-        ms, ps = [], []
-        for i, (rows, cols, r) in zip(plan.compressed, plan.shapes, strict=True):
+        msg, slots, raw = plan.message(bucket, [rows for rows, _, _ in plan.shapes])
+        ms = []
+        for i, slot, (rows, cols, r) in zip(plan.compressed, slots, plan.shapes, strict=True):
             key = bucket.keys[i]
             m = self.compensated(bucket, i, rows, cols)
-            q = self.q.get(key)
+            q = self.factor(self.q, key, m)
             if q is None:
                 q = self.q[key] = self.initial_factor(m, cols, r)
+            right_factor_t(m, q, slot)
             ms.append(m)
-            ps.append(times_right(m, q).reshape(-1))
-        ps += [bucket.grads[i].reshape(-1) for i in plan.raw]
-        msg = torch.cat(ps) if ps else bucket.buffer.new_zeros(0)
         out = new_future(bucket.buffer)
-        self._pending.append(_Pending(bucket, plan, ms, self.comm.all_reduce(msg), out))
+        self._pending.append(_Pending(bucket, plan, ms, self.comm.all_reduce(msg), slots, raw, out))
         if bucket.is_last:
             self._finish_step()
         self.end(bucket)
@@ -74,30 +80,24 @@ class PowerSGD(LowRankReducer):
         world = self.comm.world
         # Round 2 for every bucket of this step, in bucket order, so every worker issues the same sequence.
         for pd in self._pending:
-            plan = pd.plan
-            sizes = [rows * r for rows, _, r in plan.shapes] + [pd.bucket.grads[i].numel() for i in plan.raw]
-            parts = split_message(pd.p_round.wait().div_(world), sizes)
-            for part, i in zip(parts[len(plan.compressed) :], plan.raw, strict=True):
-                pd.bucket.grads[i].copy_(part.view_as(pd.bucket.grads[i]))
-            pd.phats = [
-                orthogonalize(part.view(rows, r))
-                for part, (rows, _, r) in zip(parts, plan.shapes, strict=False)
-            ]
-            qs = [times_left(m, ph).reshape(-1) for m, ph in zip(pd.ms, pd.phats, strict=True)]
-            if qs:
-                pd.q_round = self.comm.all_reduce(torch.cat(qs))
+            pd.p_round.wait().div_(world)
+            pd.plan.unpack_raw(pd.bucket, pd.raw)
+            pd.phats = [orthogonalize(slot.T) for slot in pd.p_slots]
+            if pd.ms:
+                sizes = [cols * r for _, cols, r in pd.plan.shapes]
+                msg = pd.bucket.buffer.new_empty(sum(sizes))
+                for part, m, ph, (_, cols, r) in zip(
+                    split_message(msg, sizes), pd.ms, pd.phats, pd.plan.shapes, strict=False
+                ):
+                    pd.q_slots.append(left_factor_t(m, ph, part.view(r, cols)))
+                pd.q_round = self.comm.all_reduce(msg)
         for pd in self._pending:
             if pd.q_round is not None:
-                assert pd.phats is not None
-                plan, bucket = pd.plan, pd.bucket
-                sizes = [cols * r for _, cols, r in plan.shapes]
-                parts = split_message(pd.q_round.wait().div_(world), sizes)
-                for part, ph, m, i, (_, cols, r) in zip(
-                    parts, pd.phats, pd.ms, plan.compressed, plan.shapes, strict=True
-                ):
-                    q = part.view(cols, r)
-                    approx = expand_into(bucket.grads[i].view(m.shape), ph, q)
+                pd.q_round.wait().div_(world)
+                bucket = pd.bucket
+                for q_t, ph, m, i in zip(pd.q_slots, pd.phats, pd.ms, pd.plan.compressed, strict=True):
+                    approx = expand_into(bucket.grads[i].view(m.shape), ph, q_t.T)
                     m.sub_(approx)  # the residual M - P^ Q^T, in the residual's own buffer
-                    self.q[bucket.keys[i]] = q.clone()  # warm start
+                    self.q[bucket.keys[i]] = q_t.T.clone()  # warm start
             pd.out.set_result(pd.bucket.buffer)
         self._pending = []

@@ -30,7 +30,7 @@ class QSGD(Compressor):
         norm = x.norm().reshape(1)
         a = x.abs() / norm.clamp_min(torch.finfo(x.dtype).tiny) * self.levels
         floor = a.floor()
-        u = torch.rand(x.shape, generator=self.generator).to(x.device)
+        u = torch.rand(x.shape, generator=self.rng(x.device), device=x.device, dtype=x.dtype)
         level = floor + (u < a - floor).to(x.dtype)
         return [norm, (torch.sign(x) * level).to(torch.int8)], None
 

@@ -6,13 +6,18 @@ the workers' scales so the same learning rate works for both aggregations.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from gradzip.compress.base import Capabilities, Compressor
 
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+@functools.cache
+def _bits(device: torch.device) -> torch.Tensor:
+    """Bit weights, most significant first; one copy per device rather than one upload per call."""
+    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
 
 
 def pack_bits(positive: torch.Tensor) -> torch.Tensor:
@@ -20,12 +25,12 @@ def pack_bits(positive: torch.Tensor) -> torch.Tensor:
     n = positive.numel()
     padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=positive.device)
     padded[:n] = positive.reshape(-1)
-    return (padded.view(-1, 8) * _BITS.to(positive.device)).sum(1, dtype=torch.uint8)
+    return (padded.view(-1, 8) * _bits(positive.device)).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 ``[..., nbytes]`` -> booleans ``[..., n]``."""
-    bits = packed.unsqueeze(-1).bitwise_and(_BITS.to(packed.device)).ne(0)
+    bits = packed.unsqueeze(-1).bitwise_and(_bits(packed.device)).ne(0)
     return bits.flatten(-2)[..., :n]
 
 

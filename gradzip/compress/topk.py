@@ -15,9 +15,14 @@ def k_of(density: float, numel: int) -> int:
 
 
 def scatter_mean(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """Mean over the leading (worker) dim of sparse tensors given as values and int indices."""
+    """Mean over the leading (worker) dim of sparse tensors given as values and int indices.
+
+    One worker at a time, in rank order: a worker's own indices are distinct, so no two additions of one
+    call meet, and the sum's order is the same on every replica. (One call over all workers would let CUDA's
+    atomics add overlapping entries in a different order on each replica, and the models drift apart.)"""
     out = torch.zeros(numel, dtype=values.dtype, device=values.device)
-    out.index_add_(0, indices.reshape(-1).long(), values.reshape(-1))
+    for v, i in zip(values, indices, strict=True):
+        out.index_add_(0, i.long(), v)
     return out / values.shape[0]
 
 

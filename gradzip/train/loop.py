@@ -272,14 +272,17 @@ def _train(
 
     # The per-step losses are local mini-batch losses; one all-reduce after the timed loop averages them over
     # the workers without adding a collective to every step.
+    # NCCL only reduces CUDA tensors: metrics travel on the training device and come back.
+    losses = losses.to(device)
     dist.all_reduce(losses)
-    losses /= world
+    losses = losses.cpu() / world
     totals = torch.tensor(
         [state.stats.bytes_sent, state.stats.bytes_received, state.stats.bytes_uncompressed],
         dtype=torch.float64,
+        device=device,
     )
     dist.all_reduce(totals)
-    totals /= world * n_steps
+    totals = totals.cpu() / (world * n_steps)
 
     checksum = _params_checksum(model).to(device)
     high, low = checksum.clone(), checksum.clone()

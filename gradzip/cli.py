@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gradzip import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,methods}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,methods}")
 
     train = sub.add_parser(
         "train",
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_method_options(train)
+
+    from gradzip.bench import command as bench_command
+
+    bench_command.add_parser(sub, _DefaultsFormatter)
 
     sub.add_parser(
         "methods",
@@ -351,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             return _cmd_methods()
+        if args.command == "bench":
+            from gradzip.bench import command
+
+            return command.run(args, UsageError)
         return _cmd_train(args)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

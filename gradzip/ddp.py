@@ -6,6 +6,7 @@ it survives DDP's bucket rebuild after the first iteration and a restart.
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations as real objects.
+import time
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class HookState:
         self.options = options
         self.reducer = reducer
         self.comm = comm
+        self.hook_s = 0.0  # seconds inside the hook, waits included (compression = hook_s - reducer.wait_s)
         self._names: dict[int, str] = {}
         self._named_by_model = model is not None
         if model is not None:
@@ -84,6 +86,7 @@ class HookState:
 
 
 def _hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    start = time.perf_counter()
     try:
         return state.reducer.launch(state.bucket(bucket))
     except BaseException:
@@ -91,6 +94,8 @@ def _hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[tor
         # second round issued) on this worker alone at the next step, out of order with the others.
         state.reducer.abort_step()
         raise
+    finally:
+        state.hook_s += time.perf_counter() - start
 
 
 def ddp_hook(

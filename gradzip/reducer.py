@@ -7,6 +7,7 @@ rebuild and a restart.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ class Reducer:
         self.comm = comm
         self.step = 0
         self._plans: dict[tuple[str, ...], Any] = {}
+        self.wait_s = 0.0  # seconds this worker spent blocked on collectives (the benchmark's "comm wait")
         self._deferred: list[
             tuple[Future[torch.Tensor], Callable[[torch.Tensor], torch.Tensor], Future[Any]]
         ] = []
@@ -95,9 +97,16 @@ class Reducer:
         self._deferred.append((sent, finish, out))
         if bucket.is_last:
             for fut, fn, done in self._deferred:
-                done.set_result(fn(fut.wait()))
+                done.set_result(fn(self.wait(fut)))
             self._deferred = []
         return out
+
+    def wait(self, fut: Future[torch.Tensor]) -> torch.Tensor:
+        """The collective's result, counting the time spent blocked on it."""
+        start = time.perf_counter()
+        value = fut.wait()
+        self.wait_s += time.perf_counter() - start
+        return value
 
     def abort_step(self) -> None:
         """Drop the buckets of a step that failed part-way (the error propagates to the caller)."""

@@ -80,7 +80,7 @@ class PowerSGD(LowRankReducer):
         world = self.comm.world
         # Round 2 for every bucket of this step, in bucket order, so every worker issues the same sequence.
         for pd in self._pending:
-            pd.p_round.wait().div_(world)
+            self.wait(pd.p_round).div_(world)
             pd.plan.unpack_raw(pd.bucket, pd.raw)
             pd.phats = [orthogonalize(slot.T) for slot in pd.p_slots]
             if pd.ms:
@@ -93,7 +93,7 @@ class PowerSGD(LowRankReducer):
                 pd.q_round = self.comm.all_reduce(msg)
         for pd in self._pending:
             if pd.q_round is not None:
-                pd.q_round.wait().div_(world)
+                self.wait(pd.q_round).div_(world)
                 bucket = pd.bucket
                 for q_t, ph, m, i in zip(pd.q_slots, pd.phats, pd.ms, pd.plan.compressed, strict=True):
                     approx = expand_into(bucket.grads[i].view(m.shape), ph, q_t.T)

@@ -1,0 +1,1 @@
+"""Benchmarks: measurements of gradzip's code paths on real model shapes."""

@@ -1,0 +1,143 @@
+"""``gradzip bench``: its flags and what it prints and writes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradzip.bench.runner import DEFAULT_METHODS, Grid
+
+
+def _list(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__}"
+            ) from None
+
+    return parse
+
+
+def _join(values: list[Any]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    g = Grid()
+    bench = sub.add_parser(
+        "bench",
+        help="measure methods side by side on an emulated cluster",
+        description="Measure methods side by side, in fresh processes, on an emulated cluster: one network "
+        "namespace per worker behind rate-limited veth links (root needed for a limited bandwidth). Every "
+        "group of configurations also measures the floor (no communication) and ssgd.",
+        formatter_class=formatter,
+    )
+    bench.add_argument(
+        "--methods",
+        type=_list(str),
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated methods (registry names, floor, torch-powersgd)",
+    )
+    bench.add_argument("--models", type=_list(str), default=",".join(g.models), help="comma-separated models")
+    bench.add_argument(
+        "--workers", type=_list(int), default=_join(g.workers), help="comma-separated worker counts"
+    )
+    bench.add_argument(
+        "--bandwidth",
+        type=_list(str),
+        default=",".join(g.bandwidths),
+        help="comma-separated link bandwidths: 100mbit, 1gbit, 10gbit, unlimited (loopback), or e.g. 250mbit",
+    )
+    bench.add_argument("--latency", default=g.latency, help="one-way delay added to each link, e.g. 1ms")
+    bench.add_argument(
+        "--batch-size",
+        type=_list(int),
+        default=_join(g.batch_sizes),
+        help="comma-separated batch sizes per worker",
+    )
+    bench.add_argument(
+        "--rank",
+        type=_list(int),
+        default=_join(g.ranks),
+        help="comma-separated ranks for the low-rank methods",
+    )
+    bench.add_argument(
+        "--bucket-cap-mb",
+        type=_list(float),
+        default=_join(g.bucket_caps_mb),
+        help="comma-separated DDP bucket sizes (tensor fusion)",
+    )
+    bench.add_argument("--warmup", type=int, default=g.warmup, help="iterations before measuring")
+    bench.add_argument("--iters", type=int, default=g.iters, help="measured iterations per configuration")
+    bench.add_argument(
+        "--image-size", type=int, default=g.image_size, help="input height and width for image models"
+    )
+    bench.add_argument("--seq-len", type=int, default=g.seq_len, help="sequence length for BERT models")
+    bench.add_argument("--timeout", type=float, default=g.timeout, help="seconds a configuration may take")
+    bench.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench"),
+        help="folder for results.json, results.md and the plots",
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--kernels",
+        action="store_true",
+        help="measure compress+decompress throughput of every compressor instead",
+    )
+    bench.add_argument(
+        "--cleanup", action="store_true", help="remove network namespaces left by a killed run, then exit"
+    )
+
+
+def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
+    from gradzip.bench import cluster
+
+    if args.cleanup:
+        removed = cluster.remove_leftovers()
+        print(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
+        return 0
+    if args.kernels:
+        from gradzip.bench import kernels
+
+        # One thread, like each worker of the emulated cluster; it also keeps the numbers stable on a shared
+        # machine, where a second thread often waits milliseconds for a pre-empted core.
+        table = kernels.format_table(kernels.run_kernels(threads=1))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernels.md").write_text(table)
+        print(table)
+        return 0
+    try:
+        for b in args.bandwidth:
+            cluster.parse_bandwidth(b)
+        cluster.parse_latency(args.latency)
+        grid = Grid(
+            models=args.models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
+            batch_sizes=args.batch_size, ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb,
+            latency=args.latency, warmup=args.warmup, iters=args.iters, image_size=args.image_size,
+            seq_len=args.seq_len, timeout=args.timeout,
+        )  # fmt: skip
+        for b in set(args.bandwidth):
+            cluster.check_can_emulate(b)
+    except (ValueError, cluster.ClusterError) as err:
+        raise usage_error(str(err)) from None
+
+    from gradzip.bench import report
+    from gradzip.bench.runner import run_grid
+
+    print(f"gradzip bench: {len(grid.specs())} configurations -> {args.out}", file=sys.stderr)
+    results = run_grid(grid, args.out, progress=not args.quiet)
+    table = report.markdown(results)
+    (args.out / "results.md").write_text(table)
+    plots = report.plots(results, args.out)
+    print(table)
+    print(
+        f"results: {args.out / 'results.json'}, {args.out / 'results.md'}; plots: {', '.join(str(p) for p in plots) or 'none'}"
+    )
+    failed = [r for r in results if "error" in r]
+    return 1 if failed and len(failed) == len(results) else 0

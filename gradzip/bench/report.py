@@ -1,0 +1,155 @@
+"""The benchmark's outputs: a markdown table and PNG plots, from the results that ``runner`` saves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{1000 * v:.0f}"
+
+
+def _bytes(v: float | None) -> str:
+    if v is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= size:
+            return f"{v / size:.1f} {unit}"
+    return f"{v:.0f} B"
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def method_label(spec: dict[str, Any]) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in sorted(spec["options"].items()))
+    return f"{spec['method']}" + (f" ({opts})" if opts else "")
+
+
+def markdown(results: Sequence[dict[str, Any]]) -> str:
+    """One row per configuration; times in ms (median, and p10-p90 spread over the measured iterations)."""
+    head = (
+        "| model | workers | bandwidth | batch | method | iteration ms (p10-p90) | vs floor | speed-up vs ssgd "
+        "| fwd+bwd | compress | comm wait | optimizer | sent/step | received/step | samples/s |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    for r in results:
+        s = r["spec"]
+        where = f"| {s['model']} | {s['workers']} | {s['bandwidth']} | {s['batch_size']} | {method_label(s)} "
+        if "error" in r:
+            lines.append(where + f"| failed: {r['error']} |" + " |" * 9)
+            continue
+        lines.append(
+            where
+            + f"| {_ms(r['median_s'])} ({_ms(r['p10_s'])}-{_ms(r['p90_s'])}) | {_ratio(r.get('vs_floor'))} "
+            f"| {_ratio(r.get('speedup_vs_ssgd'))} | {_ms(r['forward_backward_s'])} | {_ms(r['compress_s'])} "
+            f"| {_ms(r['wait_s'])} | {_ms(r['optimizer_s'])} | {_bytes(r['bytes_sent_per_step'])} "
+            f"| {_bytes(r['bytes_received_per_step'])} | {r['samples_per_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """PNG plots: iteration time against bandwidth per method, speed-up over ssgd against workers, and the
+    time breakdown per method. A plot whose axis has a single value in this run is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or assumed
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "median_s" in r]
+    written: list[Path] = []
+    bandwidth_order = ["100mbit", "1gbit", "10gbit", "unlimited"]
+    bandwidths = sorted(
+        {r["spec"]["bandwidth"] for r in ok},
+        key=lambda b: (b not in bandwidth_order, bandwidth_order.index(b) if b in bandwidth_order else 0, b),
+    )
+    methods = list(dict.fromkeys(method_label(r["spec"]) for r in ok))
+    workers = sorted({r["spec"]["workers"] for r in ok})
+
+    if len(bandwidths) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            pts = [
+                (bandwidths.index(r["spec"]["bandwidth"]), 1000 * r["median_s"])
+                for r in ok
+                if method_label(r["spec"]) == m and r["spec"]["workers"] == workers[-1]
+            ]
+            if pts:
+                xs, ys = zip(*sorted(pts), strict=True)
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.set_xticks(range(len(bandwidths)), bandwidths)
+        ax.set_xlabel("link bandwidth")
+        ax.set_ylabel("iteration time (ms, median)")
+        ax.set_yscale("log")
+        ax.set_title(f"Iteration time against bandwidth ({workers[-1]} workers)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "time_vs_bandwidth.png"))
+
+    if len(workers) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            pts = [
+                (r["spec"]["workers"], r["speedup_vs_ssgd"])
+                for r in ok
+                if method_label(r["spec"]) == m
+                and r.get("speedup_vs_ssgd") is not None
+                and r["spec"]["bandwidth"] == bandwidths[0]
+            ]
+            if pts:
+                xs, ys = zip(*sorted(pts), strict=True)
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("workers")
+        ax.set_ylabel("speed-up over ssgd")
+        ax.set_title(f"Speed-up over ssgd against workers ({bandwidths[0]})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "speedup_vs_workers.png"))
+
+    # Breakdown for the most communication-bound group: the one where ssgd is furthest from the floor.
+    bound = max(
+        (r for r in ok if r["spec"]["method"] == "ssgd" and r.get("vs_floor")),
+        key=lambda r: r["vs_floor"],
+        default=None,
+    )
+    if bound is not None:
+        from gradzip.bench.runner import group_key
+
+        group = [r for r in ok if group_key(r["spec"]) == group_key(bound["spec"])]
+        parts = [
+            ("forward_backward_s", "forward+backward"),
+            ("compress_s", "compression"),
+            ("wait_s", "communication wait"),
+            ("optimizer_s", "optimizer"),
+        ]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        labels = [method_label(r["spec"]) for r in group]
+        bottom = [0.0] * len(group)
+        for key, name in parts:
+            vals = [1000 * (r.get(key) or 0.0) for r in group]
+            ax.bar(labels, vals, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.plot(
+            labels, [1000 * r["median_s"] for r in group], "k_", markersize=20, label="iteration (median)"
+        )
+        s = bound["spec"]
+        ax.set_title(f"Where the time goes: {s['model']}, {s['workers']} workers, {s['bandwidth']}")
+        ax.set_ylabel("ms per iteration (mean over workers)")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "breakdown.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

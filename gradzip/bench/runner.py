@@ -1,0 +1,228 @@
+"""``gradzip bench``: which method is actually faster than well-optimized S-SGD, where, and why.
+
+A grid of configurations (model x method x workers x bandwidth x batch x rank x bucket size), each measured
+in fresh worker processes on an emulated cluster: one network namespace per worker, linked by rate-limited
+veth pairs (``gradzip.bench.cluster``). Every (model, cluster, batch) group also measures the floor
+(communication switched off) and ``ssgd``, so each method's speed-up and distance to the floor come from the
+same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradzip.bench.worker import RIVALS, BenchSpec
+from gradzip.registry import methods as registry_methods
+
+LOW_RANK = ("powersgd", "acpsgd", "torch-powersgd")
+DEFAULT_METHODS = ["floor", "ssgd", "signsgd", "topk", "powersgd", "torch-powersgd", "acpsgd"]
+
+
+def valid_methods() -> list[str]:
+    return [*RIVALS, *registry_methods()]
+
+
+@dataclass
+class Grid:
+    """What to sweep. Every list is one axis of the grid."""
+
+    models: list[str] = field(default_factory=lambda: ["wide_mlp"])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    workers: list[int] = field(default_factory=lambda: [4])
+    bandwidths: list[str] = field(default_factory=lambda: ["1gbit", "unlimited"])
+    batch_sizes: list[int] = field(default_factory=lambda: [32])
+    ranks: list[int] = field(default_factory=lambda: [4])
+    bucket_caps_mb: list[float] = field(default_factory=lambda: [25.0])
+    latency: str = "0ms"
+    warmup: int = 3
+    iters: int = 10
+    image_size: int = 32
+    seq_len: int = 32
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        valid = valid_methods()
+        for m in self.methods:
+            if m not in valid:
+                raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(valid)}")
+        from gradzip.train.models import MODELS
+
+        for model in self.models:
+            if model not in MODELS:
+                raise ValueError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODELS))}")
+        for name in ("workers", "batch_sizes", "ranks"):
+            for v in getattr(self, name):
+                if not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{name} value {v!r} is invalid: must be an integer >= 1")
+        if any(w < 2 for w in self.workers):
+            raise ValueError(f"workers={self.workers} is invalid: a distributed benchmark needs >= 2 workers")
+        if self.warmup < 3 and "torch-powersgd" in self.methods:
+            # torch's hook compresses from its 2nd iteration on: measure only compressed iterations.
+            raise ValueError(f"warmup={self.warmup} is invalid with torch-powersgd: it must be >= 3")
+
+    def specs(self) -> list[BenchSpec]:
+        """Every configuration, the floor and ssgd of each group first (the references)."""
+        out = []
+        axes = itertools.product(
+            self.models, self.workers, self.bandwidths, self.batch_sizes, self.bucket_caps_mb
+        )
+        for model, workers, bandwidth, batch, cap in axes:
+            for method in sorted(self.methods, key=lambda m: (m not in ("floor", "ssgd"), m != "floor")):
+                for rank in self.ranks if method in LOW_RANK else [None]:
+                    options = {"rank": rank} if rank is not None else {}
+                    out.append(
+                        BenchSpec(
+                            model=model,
+                            method=method,
+                            options=options,
+                            workers=workers,
+                            bandwidth=bandwidth,
+                            latency=self.latency,
+                            batch_size=batch,
+                            warmup=self.warmup,
+                            iters=self.iters,
+                            bucket_cap_mb=cap,
+                            image_size=self.image_size,
+                            seq_len=self.seq_len,
+                            timeout=self.timeout,
+                        )
+                    )
+        return out
+
+
+def group_key(spec: dict[str, Any]) -> tuple[Any, ...]:
+    """Configurations that differ only in method (and its options) are compared with each other."""
+    return (
+        spec["model"], spec["workers"], spec["bandwidth"], spec["latency"], spec["batch_size"],
+        spec["bucket_cap_mb"], spec["image_size"], spec["seq_len"],
+    )  # fmt: skip
+
+
+def add_references(results: list[dict[str, Any]]) -> None:
+    """Speed-up over ssgd and distance to the floor, from the same group of the same run."""
+    refs: dict[tuple[Any, ...], dict[str, float]] = {}
+    for r in results:
+        if "median_s" in r and r["spec"]["method"] in ("floor", "ssgd"):
+            refs.setdefault(group_key(r["spec"]), {})[r["spec"]["method"]] = r["median_s"]
+    for r in results:
+        if "median_s" not in r:
+            continue
+        ref = refs.get(group_key(r["spec"]), {})
+        r["speedup_vs_ssgd"] = ref["ssgd"] / r["median_s"] if "ssgd" in ref else None
+        r["vs_floor"] = r["median_s"] / ref["floor"] if "floor" in ref else None
+
+
+def run_spec(spec: BenchSpec, cluster: Any, log_dir: Path) -> dict[str, Any]:
+    """One configuration in fresh processes, one per host of ``cluster``; a failure is recorded, not raised."""
+    out = log_dir / f"result-{time.monotonic_ns()}.json"
+    port = random.randint(20000, 60000)  # each host namespace is fresh, so any port is free in host 0's
+    procs, logs = [], []
+    for rank in range(spec.workers):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(spec.workers),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(spec.workers),
+            MASTER_ADDR=cluster.hosts[0].address,
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
+        log = open(log_dir / f"rank{rank}-{port}.log", "w+")  # noqa: SIM115 (closed below)
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(cluster.command(rank, argv), env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
+    deadline = time.monotonic() + spec.timeout + 60
+    failed: int | None = None
+    try:
+        while any(p.poll() is None for p in procs):
+            for rank, p in enumerate(procs):
+                if p.poll() not in (None, 0) and failed is None:
+                    failed = rank
+            if failed is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    if failed is None:
+        failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    if failed is None and out.exists():
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+    reason = "timed out" if failed is None else f"rank {failed} failed"
+    lines = [ln for ln in texts[failed or 0].splitlines() if ln.strip()]
+    return {"spec": dataclasses.asdict(spec), "error": f"{reason}: {lines[-1] if lines else 'no output'}"}
+
+
+def run_grid(
+    grid: Grid,
+    out_dir: Path,
+    progress: bool = True,
+    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every configuration; results are saved after each one, so an interrupted run loses nothing."""
+    from gradzip.bench.cluster import EmulatedCluster, check_can_emulate
+
+    specs = grid.specs()
+    for bandwidth in {s.bandwidth for s in specs}:
+        check_can_emulate(bandwidth)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    bar = _progress(len(specs), progress)
+    groups: dict[tuple[int, str, str], list[BenchSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.workers, s.bandwidth, s.latency), []).append(s)
+    with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp:
+        try:
+            for (workers, bandwidth, latency), group in groups.items():
+                with EmulatedCluster(workers, bandwidth, latency) as cluster:
+                    for spec in group:
+                        if bar is not None:
+                            bar.set_description(spec.label())
+                        results.append(run_spec(spec, cluster, Path(tmp)))
+                        add_references(results)
+                        save_json(results, out_dir / "results.json")
+                        if on_result is not None:
+                            on_result(results)
+                        if bar is not None:
+                            bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+    return results
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="config", dynamic_ncols=True)
+
+
+def save_json(results: Iterable[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(list(results), indent=1))
+    tmp.replace(path)  # atomic: an interrupted write never leaves half a file

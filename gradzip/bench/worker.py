@@ -1,0 +1,217 @@
+"""One worker of one benchmark configuration, run in a fresh process (inside its network namespace when the
+network is emulated): ``python -m gradzip.bench.worker SPEC_JSON OUT_PATH``, rank and rendezvous from the
+environment as torchrun sets them.
+
+Each iteration is timed in parts: forward, backward (which runs the hooks and waits for communication), the
+optimizer. The gradzip hooks also report how long they computed and how long they were blocked on
+collectives, which splits backward into compute, compression and communication wait.
+"""
+
+# No `from __future__ import annotations`: DDP checks the floor hook's annotations as real objects.
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# Not registry methods, but measured beside them: the floor has communication switched off (no method can
+# beat it), and torch-powersgd is torch's own powerSGD_hook at the same rank.
+RIVALS = ("floor", "torch-powersgd")
+
+
+@dataclass
+class BenchSpec:
+    """One configuration: a model, a method and a cluster shape, measured in fresh processes."""
+
+    model: str = "wide_mlp"
+    method: str = "ssgd"
+    options: dict[str, Any] = field(default_factory=dict)
+    workers: int = 4
+    bandwidth: str = "1gbit"
+    latency: str = "0ms"
+    batch_size: int = 32
+    warmup: int = 3
+    iters: int = 10
+    bucket_cap_mb: float = 25.0
+    image_size: int = 32
+    seq_len: int = 32
+    seed: int = 0
+    timeout: float = 300.0
+
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return (
+            f"{self.model} {self.method}{'(' + opts + ')' if opts else ''} x{self.workers} @{self.bandwidth}"
+        )
+
+
+def synthetic_batch(spec: BenchSpec) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Random inputs of the model's kind: token ids for BERT, images of ``image_size`` otherwise."""
+    g = torch.Generator().manual_seed(spec.seed + 1 + int(os.environ.get("RANK", "0")))
+    if spec.model.startswith("bert"):
+        shape: tuple[int, ...] = (spec.seq_len,)
+        x = torch.randint(0, 30522, (spec.batch_size, spec.seq_len), generator=g)
+    else:
+        shape = (3, spec.image_size, spec.image_size)
+        x = torch.randn(spec.batch_size, *shape, generator=g)
+    return x, torch.randint(0, 10, (spec.batch_size,), generator=g), shape
+
+
+def _floor_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Communication switched off: every worker keeps its own gradient."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def attach(model: DDP, spec: BenchSpec) -> Any:
+    """Register the configuration's hook; returns gradzip's HookState, or None for the rivals."""
+    if spec.method == "floor":
+        model.register_comm_hook(None, _floor_hook)
+        return None
+    if spec.method == "torch-powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
+
+        psgd = torch_psgd.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=int(spec.options.get("rank", 4)),
+            start_powerSGD_iter=2,  # torch's minimum with error feedback; our warm-up iterations cover it
+            min_compression_rate=2,
+        )
+        model.register_comm_hook(psgd, torch_psgd.powerSGD_hook)
+        return None
+    import gradzip
+
+    state, hook = gradzip.ddp_hook(spec.method, model=model, **spec.options)
+    model.register_comm_hook(state, hook)
+    return state
+
+
+def _use_cluster_interface() -> None:
+    """Inside a namespace, make gloo use the emulated link, not loopback (which it would otherwise pick
+    from the hostname)."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    names = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if len(names) == 1:
+        os.environ["GLOO_SOCKET_IFNAME"] = names[0]
+
+
+def run(spec: BenchSpec) -> dict[str, Any] | None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _use_cluster_interface()
+    # Every worker shares this machine's cores: one thread each avoids oversubscription.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.timeout))
+    try:
+        return _measure(spec, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(spec: BenchSpec, rank: int, world: int) -> dict[str, Any] | None:
+    from gradzip.train.models import build_model
+
+    x, y, input_shape = synthetic_batch(spec)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, input_shape, 10)
+    # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
+    cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
+    ddp = DDP(model, bucket_cap_mb=cap)
+    state = attach(ddp, spec)
+    # A small learning rate: the benchmark measures time, and should not diverge on random data.
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-4, momentum=0.9)
+    rows = []
+    for it in range(spec.warmup + spec.iters):
+        hook0 = (
+            (state.hook_s, state.reducer.wait_s, state.stats.bytes_sent, state.stats.bytes_received)
+            if state
+            else None
+        )
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if it < spec.warmup:
+            continue
+        row = {"iteration": t3 - t0, "forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
+        if state is not None and hook0 is not None:
+            hook_s = state.hook_s - hook0[0]
+            wait_s = state.reducer.wait_s - hook0[1]
+            row.update(
+                compress=hook_s - wait_s,
+                wait=wait_s,
+                bytes_sent=state.stats.bytes_sent - hook0[2],
+                bytes_received=state.stats.bytes_received - hook0[3],
+            )
+        rows.append(row)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, rows)
+    if rank != 0:
+        return None
+    return summarize(spec, everyone)
+
+
+def summarize(spec: BenchSpec, per_rank: list[list[dict[str, float]]]) -> dict[str, Any]:
+    """An iteration lasts as long as its slowest worker; parts and bytes are averaged over workers."""
+    iters = [max(r[i]["iteration"] for r in per_rank) for i in range(len(per_rank[0]))]
+    med = statistics.median(iters)
+
+    def part(name: str) -> float | None:
+        if name not in per_rank[0][0]:
+            return None
+        return statistics.mean(statistics.median(row[name] for row in r) for r in per_rank)
+
+    parts = {name: part(name) for name in ("forward", "backward", "optimizer", "compress", "wait")}
+    fwd, bwd = parts["forward"] or 0.0, parts["backward"] or 0.0
+    compress, wait = parts["compress"], parts["wait"]
+    out: dict[str, Any] = {
+        "spec": dataclasses.asdict(spec),
+        "iteration_s": iters,
+        "median_s": med,
+        "p10_s": _quantile(iters, 0.1),
+        "p90_s": _quantile(iters, 0.9),
+        "samples_per_s": spec.workers * spec.batch_size / med,
+        "forward_backward_s": fwd + bwd - (compress or 0.0) - (wait or 0.0),
+        "compress_s": compress,
+        "wait_s": wait,
+        "optimizer_s": parts["optimizer"],
+        "bytes_sent_per_step": part("bytes_sent"),
+        "bytes_received_per_step": part("bytes_received"),
+    }
+    if spec.method == "torch-powersgd":
+        out["note"] = "torch powerSGD_hook: one DDP bucket (it fails on gloo with more); no byte counters"
+    return out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = BenchSpec(**json.loads(args[0]))
+    result = run(spec)
+    if result is not None:
+        with open(args[1], "w") as f:
+            json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""`gradzip bench` end to end on a tiny grid: output structure and cleanup, never a timing assertion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradzip.bench.cluster import leftover_namespaces
+from gradzip.bench.runner import Grid, add_references
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="emulating a limited link needs root (CI runs as root)"
+)
+
+
+@needs_root
+def test_bench_tiny_grid_writes_results_and_cleans_up(tmp_path: Path) -> None:
+    before = set(leftover_namespaces())
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "gradzip", "bench", "--methods", "floor,ssgd,acpsgd,torch-powersgd",
+        "--models", "mlp", "--workers", "2", "--bandwidth", "100mbit,unlimited", "--warmup", "3",
+        "--iters", "2", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 8
+    assert not [r["error"] for r in results if "error" in r]
+    by = {(r["spec"]["bandwidth"], r["spec"]["method"]): r for r in results}
+    for bandwidth in ("100mbit", "unlimited"):
+        floor, ssgd, acp = (by[(bandwidth, m)] for m in ("floor", "ssgd", "acpsgd"))
+        assert floor["vs_floor"] == 1.0 and ssgd["speedup_vs_ssgd"] == 1.0
+        assert acp["speedup_vs_ssgd"] == ssgd["median_s"] / acp["median_s"]
+        assert len(acp["iteration_s"]) == 2 and acp["p10_s"] <= acp["median_s"] <= acp["p90_s"]
+        # bytes come from the hooks' own counters; ACP-SGD sends a small fraction of ssgd's
+        assert 0 < acp["bytes_sent_per_step"] < ssgd["bytes_sent_per_step"] / 5
+        assert floor["bytes_sent_per_step"] is None and floor["wait_s"] is None
+        for part in ("forward_backward_s", "compress_s", "wait_s", "optimizer_s"):
+            assert acp[part] is not None and acp[part] >= 0
+        assert "one DDP bucket" in by[(bandwidth, "torch-powersgd")]["note"]
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 2 + len(results) and "| acpsgd (rank=4) |" in table
+    assert (out / "time_vs_bandwidth.png").stat().st_size > 1000
+    assert (out / "breakdown.png").stat().st_size > 1000
+    assert set(leftover_namespaces()) <= before, "bench left network namespaces behind"
+
+
+def test_grid_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="unknown method 'nope'; valid methods: floor, torch-powersgd"):
+        Grid(methods=["nope"])
+    with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+        Grid(models=["resnet9"])
+    with pytest.raises(ValueError, match="needs >= 2 workers"):
+        Grid(workers=[1])
+    with pytest.raises(ValueError, match="warmup=1"):
+        Grid(warmup=1)
+
+
+def test_grid_measures_references_first_and_ranks_only_low_rank_methods() -> None:
+    specs = Grid(methods=["acpsgd", "topk", "ssgd", "floor"], ranks=[2, 4], bandwidths=["1gbit"]).specs()
+    assert [s.method for s in specs[:2]] == ["floor", "ssgd"]
+    assert [s.options for s in specs if s.method == "acpsgd"] == [{"rank": 2}, {"rank": 4}]
+    assert [s.options for s in specs if s.method == "topk"] == [{}]
+
+
+def test_references_come_from_the_same_group() -> None:
+    def result(method: str, bandwidth: str, median: float) -> dict:
+        spec = dict(model="m", workers=2, bandwidth=bandwidth, latency="0ms", batch_size=8, bucket_cap_mb=25.0,
+                    image_size=8, seq_len=8, method=method, options={})  # fmt: skip
+        return {"spec": spec, "median_s": median}
+
+    rs = [result("floor", "1gbit", 1.0), result("ssgd", "1gbit", 4.0), result("acpsgd", "1gbit", 2.0),
+          result("ssgd", "unlimited", 1.5), result("acpsgd", "unlimited", 3.0)]  # fmt: skip
+    add_references(rs)
+    assert rs[2]["speedup_vs_ssgd"] == 2.0 and rs[2]["vs_floor"] == 2.0
+    assert rs[4]["speedup_vs_ssgd"] == 0.5 and rs[4]["vs_floor"] is None  # no floor in that group

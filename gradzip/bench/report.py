@@ -71,7 +71,7 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     workers = sorted({r["spec"]["workers"] for r in ok})
 
     if len(bandwidths) > 1:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for m in methods:
             pts = [
                 (bandwidths.index(r["spec"]["bandwidth"]), 1000 * r["median_s"])
@@ -86,12 +86,12 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_ylabel("iteration time (ms, median)")
         ax.set_yscale("log")
         ax.set_title(f"Iteration time against bandwidth ({workers[-1]} workers)")
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
         fig.tight_layout()
         written.append(_save(fig, out_dir / "time_vs_bandwidth.png"))
 
     if len(workers) > 1:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for m in methods:
             pts = [
                 (r["spec"]["workers"], r["speedup_vs_ssgd"])
@@ -107,7 +107,7 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_xlabel("workers")
         ax.set_ylabel("speed-up over ssgd")
         ax.set_title(f"Speed-up over ssgd against workers ({bandwidths[0]})")
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
         fig.tight_layout()
         written.append(_save(fig, out_dir / "speedup_vs_workers.png"))
 
@@ -145,6 +145,11 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out_dir / "breakdown.png"))
     return written
+
+
+def _legend_outside(ax: Any) -> None:
+    """Beside the axes, so no line is hidden under it."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -172,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", type=Path, default=None, metavar="PATH", help="write summary and history here"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="test accuracy every N steps (0: only at the end)",
+    )
+    train.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        metavar="A",
+        help="report the training time until the test accuracy first reaches A, in (0, 1]; needs --eval-every",
+    )
     _add_method_options(train)
 
     from gradzip.bench import command as bench_command
@@ -238,6 +252,8 @@ def _train_config(args: argparse.Namespace) -> Any:
             bucket_cap_mb=args.bucket_cap_mb,
             timeout=args.timeout,
             quiet=args.quiet,
+            eval_every=args.eval_every,
+            target_accuracy=args.target_accuracy,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -298,6 +314,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
             else f"NO: workers differ by up to {summary['params_max_abs_diff']:.3g}",
         ),
     ]
+    if summary.get("target_accuracy") is not None:
+        t = summary["time_to_target_s"]
+        reached = (
+            "not reached" if t is None else f"{t:.2f} s of training ({summary['steps_to_target']} steps)"
+        )
+        rows.append((f"time to {100 * summary['target_accuracy']:.0f}%", reached))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

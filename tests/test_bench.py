@@ -80,3 +80,44 @@ def test_references_come_from_the_same_group() -> None:
     add_references(rs)
     assert rs[2]["speedup_vs_ssgd"] == 2.0 and rs[2]["vs_floor"] == 2.0
     assert rs[4]["speedup_vs_ssgd"] == 0.5 and rs[4]["vs_floor"] is None  # no floor in that group
+
+
+@needs_root
+def test_time_to_accuracy_trains_each_method_on_the_cluster(tmp_path: Path) -> None:
+    before = set(leftover_namespaces())
+    out = tmp_path / "tta"
+    cmd = [
+        sys.executable, "-m", "gradzip", "bench", "--time-to-accuracy", "--methods", "floor,ssgd,acpsgd",
+        "--workers", "2", "--bandwidth", "100mbit", "--steps", "100", "--eval-every", "20",
+        "--target-accuracy", "0.5", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "time_to_accuracy.json").read_text())
+    assert [r["method"] for r in rows] == ["ssgd", "acpsgd"]  # the floor does not train
+    for r in rows:
+        assert "error" not in r, r
+        assert [e["step"] for e in r["accuracy_history"]] == [20, 40, 60, 80, 100]
+        assert r["params_identical"] and r["bandwidth"] == "100mbit" and r["workers"] == 2
+        assert r["steps_to_target"] in (20, 40, 60, 80, 100)
+        assert 0 < r["time_to_target_s"] <= r["total_train_time_s"]
+    assert (out / "time_to_accuracy.png").stat().st_size > 1000
+    assert "| 100mbit | acpsgd |" in (out / "time_to_accuracy.md").read_text()
+    assert set(leftover_namespaces()) <= before
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it() -> None:
+    from gradzip.train.loop import time_to_target
+
+    evals = [
+        {"step": 10, "train_time_s": 1.0, "accuracy": 0.5},
+        {"step": 20, "train_time_s": 2.0, "accuracy": 0.9},
+        {"step": 30, "train_time_s": 3.0, "accuracy": 0.8},
+    ]
+    assert time_to_target(evals, 0.9) == {
+        "target_accuracy": 0.9,
+        "time_to_target_s": 2.0,
+        "steps_to_target": 20,
+    }
+    assert time_to_target(evals, 0.95)["time_to_target_s"] is None
+    assert time_to_target(evals, None) == {}

@@ -93,6 +93,19 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     bench.add_argument(
         "--cleanup", action="store_true", help="remove network namespaces left by a killed run, then exit"
     )
+    bench.add_argument(
+        "--time-to-accuracy",
+        action="store_true",
+        help="train the default task with each registry method of --methods on the first --workers value, "
+        "per --bandwidth, and report the training time until --target-accuracy",
+    )
+    bench.add_argument(
+        "--target-accuracy", type=float, default=0.95, help="test accuracy for --time-to-accuracy, in (0, 1]"
+    )
+    bench.add_argument(
+        "--eval-every", type=int, default=10, help="steps between accuracy checks for --time-to-accuracy"
+    )
+    bench.add_argument("--steps", type=int, default=600, help="training steps per run for --time-to-accuracy")
 
 
 def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
@@ -112,6 +125,8 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         (args.out / "kernels.md").write_text(table)
         print(table)
         return 0
+    if args.time_to_accuracy:
+        return _time_to_accuracy(args, usage_error)
     try:
         for b in args.bandwidth:
             cluster.parse_bandwidth(b)
@@ -141,3 +156,34 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     )
     failed = [r for r in results if "error" in r]
     return 1 if failed and len(failed) == len(results) else 0
+
+
+def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) -> int:
+    from gradzip.bench import accuracy, cluster
+    from gradzip.registry import methods
+
+    chosen = [m for m in args.methods if m in methods()]  # the floor and torch's hook do not train here
+    try:
+        if not chosen:
+            raise ValueError(f"no registry method in --methods {','.join(args.methods)}")
+        if not 0.0 < args.target_accuracy <= 1.0:
+            raise ValueError(f"--target-accuracy {args.target_accuracy} is invalid: it must be in (0, 1]")
+        if args.eval_every < 1 or args.steps < 1:
+            raise ValueError("--eval-every and --steps must be >= 1")
+        for b in set(args.bandwidth):
+            cluster.parse_bandwidth(b)
+            cluster.check_can_emulate(b)
+    except (ValueError, cluster.ClusterError) as err:
+        raise usage_error(str(err)) from None
+    results = accuracy.run_time_to_accuracy(
+        chosen, args.workers[0], args.bandwidth, args.out, target=args.target_accuracy,
+        eval_every=args.eval_every, steps=args.steps, timeout=args.timeout, progress=not args.quiet,
+    )  # fmt: skip
+    table = accuracy.markdown(results)
+    (args.out / "time_to_accuracy.md").write_text(table)
+    plots = accuracy.plot(results, args.out)
+    print(table)
+    print(
+        f"results: {args.out / 'time_to_accuracy.json'}; plots: {', '.join(str(p) for p in plots) or 'none'}"
+    )
+    return 1 if all("error" in r for r in results) else 0

@@ -124,35 +124,35 @@ def add_references(results: list[dict[str, Any]]) -> None:
         r["vs_floor"] = r["median_s"] / ref["floor"] if "floor" in ref else None
 
 
-def run_spec(spec: BenchSpec, cluster: Any, log_dir: Path) -> dict[str, Any]:
-    """One configuration in fresh processes, one per host of ``cluster``; a failure is recorded, not raised."""
-    out = log_dir / f"result-{time.monotonic_ns()}.json"
+def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, log_dir: Path) -> str | None:
+    """``argv`` as ``workers`` processes, rank r on host r of ``cluster``, with torchrun's environment.
+
+    Returns None when every process succeeded, else a one-line reason naming the failed rank."""
     port = random.randint(20000, 60000)  # each host namespace is fresh, so any port is free in host 0's
     procs, logs = [], []
-    for rank in range(spec.workers):
+    for rank in range(workers):
         env = dict(
             os.environ,
             RANK=str(rank),
-            WORLD_SIZE=str(spec.workers),
+            WORLD_SIZE=str(workers),
             LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(spec.workers),
+            LOCAL_WORLD_SIZE=str(workers),
             MASTER_ADDR=cluster.hosts[0].address,
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
         )
-        argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
+        if cluster.hosts[rank].netns is not None:
+            env["GLOO_SOCKET_IFNAME"] = "eth0"  # the emulated link, not loopback
         log = open(log_dir / f"rank{rank}-{port}.log", "w+")  # noqa: SIM115 (closed below)
         logs.append(log)
         procs.append(
             subprocess.Popen(cluster.command(rank, argv), env=env, stdout=log, stderr=subprocess.STDOUT)
         )
-    deadline = time.monotonic() + spec.timeout + 60
+    deadline = time.monotonic() + timeout
     failed: int | None = None
     try:
         while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                if p.poll() not in (None, 0) and failed is None:
-                    failed = rank
+            failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
             if failed is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -168,12 +168,22 @@ def run_spec(spec: BenchSpec, cluster: Any, log_dir: Path) -> dict[str, Any]:
         log.seek(0)
         texts.append(log.read())
         log.close()
-    if failed is None and out.exists():
-        result: dict[str, Any] = json.loads(out.read_text())
-        return result
+    if failed is None and all(p.returncode == 0 for p in procs):
+        return None
     reason = "timed out" if failed is None else f"rank {failed} failed"
     lines = [ln for ln in texts[failed or 0].splitlines() if ln.strip()]
-    return {"spec": dataclasses.asdict(spec), "error": f"{reason}: {lines[-1] if lines else 'no output'}"}
+    return f"{reason}: {lines[-1] if lines else 'no output'}"
+
+
+def run_spec(spec: BenchSpec, cluster: Any, log_dir: Path) -> dict[str, Any]:
+    """One configuration in fresh processes, one per host of ``cluster``; a failure is recorded, not raised."""
+    out = log_dir / f"result-{time.monotonic_ns()}.json"
+    argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
+    error = run_in_cluster(cluster, spec.workers, argv, spec.timeout + 60, log_dir)
+    if error is None and out.exists():
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+    return {"spec": dataclasses.asdict(spec), "error": error or "no result written"}
 
 
 def run_grid(

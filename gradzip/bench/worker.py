@@ -214,4 +214,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalization: gloo's worker threads may still hold work objects whose tensors, freed
+    # while Python is being torn down, abort the process ("terminate called without an active exception",
+    # pytorch#190489; seen here once in 15 configurations). Everything is written and the group destroyed.
+    os._exit(code)

@@ -8,6 +8,7 @@ torch's elastic launcher) or started by torchrun; it reads its rank and the rend
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -72,6 +73,10 @@ class TrainConfig:
     bucket_cap_mb: float = 25.0
     timeout: float = 300.0
     quiet: bool = False
+    eval_every: int = 0
+    """Evaluate the test accuracy every this many steps (0: only at the end), for time to accuracy."""
+    target_accuracy: float | None = None
+    """Report the training time and steps until the test accuracy first reaches this (needs eval_every)."""
 
     def __post_init__(self) -> None:
         # Sparsifiers apply the run's momentum themselves (DGC momentum correction) unless told otherwise:
@@ -93,6 +98,13 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps!r} is invalid: steps must be an integer >= 1")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise ValueError(f"epochs={self.epochs!r} is invalid: epochs must be > 0")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every!r} is invalid: eval_every must be an integer >= 0")
+        if self.target_accuracy is not None:
+            if not 0.0 < self.target_accuracy <= 1.0:
+                raise ValueError(f"target_accuracy={self.target_accuracy!r} is invalid: it must be in (0, 1]")
+            if self.eval_every == 0:
+                raise ValueError("target_accuracy needs eval_every > 0 (how often to check the accuracy)")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers={self.workers!r} is invalid: workers must be an integer >= 1")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -163,6 +175,18 @@ def _params_checksum(model: nn.Module) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64)
 
 
+def time_to_target(evals: list[dict[str, float]], target: float | None) -> dict[str, Any]:
+    """Training time and steps until the accuracy first reached ``target`` (None if it never did)."""
+    if target is None:
+        return {}
+    hit = next((e for e in evals if e["accuracy"] >= target), None)
+    return {
+        "target_accuracy": target,
+        "time_to_target_s": hit["train_time_s"] if hit else None,
+        "steps_to_target": int(hit["step"]) if hit else None,
+    }
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
     was_training = model.training
@@ -197,6 +221,9 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         return _train(cfg, device, gradzip.ddp_hook, load_dataset, shard_indices, build_model)
     finally:
+        # Free the model, DDP and the hook (reference cycles) while the interpreter is fully alive: gloo work
+        # objects freed during interpreter teardown can abort the process (pytorch#190489).
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -239,6 +266,7 @@ def _train(
     times = torch.zeros(n_steps, dtype=torch.float64)
     sent = torch.zeros(n_steps, dtype=torch.float64)
     shard = torch.empty(0, dtype=torch.long)
+    evals: list[dict[str, float]] = []
     ddp_model.train()
     try:
         for step in range(n_steps):
@@ -263,6 +291,13 @@ def _train(
             sent[step] = state.stats.bytes_sent - sent_before
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step}; try a smaller --lr")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                # Every replica holds the same model, so each evaluates it alone: no collective, and the
+                # evaluation's own time is left out of the training time it is stamped with.
+                acc = evaluate(model, data.x_test, data.y_test, device)
+                evals.append(
+                    {"step": step + 1, "train_time_s": float(times[: step + 1].sum()), "accuracy": acc}
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
@@ -328,6 +363,8 @@ def _train(
         "compression_ratio": bytes_uncompressed / bytes_sent if bytes_sent > 0 else None,
         "params_identical": params_identical,
         "params_max_abs_diff": params_max_abs_diff,
+        "accuracy_history": evals,
+        **time_to_target(evals, cfg.target_accuracy),
         "history": [
             {"step": s, "loss": float(losses[s]), "time": float(times[s]), "bytes_sent": int(sent[s])}
             for s in range(n_steps)

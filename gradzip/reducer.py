@@ -36,6 +36,10 @@ class Bucket:
         return cls(buffer, views_of(buffer, [t.shape for t in tensors]), keys, is_last)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def new_future(like: torch.Tensor) -> Future[torch.Tensor]:
     """A future this process completes itself; on CUDA it carries the device so streams are synchronised."""
     return Future(devices=[like.device]) if like.is_cuda else Future()
@@ -111,6 +115,13 @@ class Reducer:
     def abort_step(self) -> None:
         """Drop the buckets of a step that failed part-way (the error propagates to the caller)."""
         self._deferred = []
+
+    def uncompressed(self, bucket: Bucket) -> Future[torch.Tensor]:
+        """This bucket's whole step as a plain all-reduce (ssgd, and the low-rank methods' warm-up);
+        completed in this thread like every method, so its wait is measured the same way."""
+        fut = self.deferred(bucket, self.all_reduce_mean(bucket), _same)
+        self.end(bucket)
+        return fut
 
     def all_reduce_mean(self, bucket: Bucket) -> Future[torch.Tensor]:
         """The uncompressed baseline: mean of the bucket over workers, written in place."""

@@ -29,7 +29,7 @@ def run_time_to_accuracy(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     from gradzip.bench.cluster import EmulatedCluster
-    from gradzip.bench.runner import run_in_cluster, save_json
+    from gradzip.bench.runner import progress_bar, run_in_cluster, save_json
 
     unknown = [m for m in methods if m not in registry_methods()]
     if unknown:
@@ -39,11 +39,7 @@ def run_time_to_accuracy(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(methods) * len(bandwidths), unit="run", dynamic_ncols=True)
+    bar = progress_bar(len(methods) * len(bandwidths), progress, unit="run")
     with tempfile.TemporaryDirectory(prefix="gradzip-tta-") as tmp:
         try:
             for bandwidth in bandwidths:

@@ -128,17 +128,13 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     if args.time_to_accuracy:
         return _time_to_accuracy(args, usage_error)
     try:
-        for b in args.bandwidth:
-            cluster.parse_bandwidth(b)
-        cluster.parse_latency(args.latency)
+        _check_network(args)
         grid = Grid(
             models=args.models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
             batch_sizes=args.batch_size, ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb,
             latency=args.latency, warmup=args.warmup, iters=args.iters, image_size=args.image_size,
             seq_len=args.seq_len, timeout=args.timeout,
         )  # fmt: skip
-        for b in set(args.bandwidth):
-            cluster.check_can_emulate(b)
     except (ValueError, cluster.ClusterError) as err:
         raise usage_error(str(err)) from None
 
@@ -147,15 +143,8 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
 
     print(f"gradzip bench: {len(grid.specs())} configurations -> {args.out}", file=sys.stderr)
     results = run_grid(grid, args.out, progress=not args.quiet)
-    table = report.markdown(results)
-    (args.out / "results.md").write_text(table)
-    plots = report.plots(results, args.out)
-    print(table)
-    print(
-        f"results: {args.out / 'results.json'}, {args.out / 'results.md'}; plots: {', '.join(str(p) for p in plots) or 'none'}"
-    )
-    failed = [r for r in results if "error" in r]
-    return 1 if failed and len(failed) == len(results) else 0
+    _write_outputs(args.out, "results", report.markdown(results), report.plots(results, args.out))
+    return 1 if all("error" in r for r in results) else 0
 
 
 def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) -> int:
@@ -170,20 +159,31 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
             raise ValueError(f"--target-accuracy {args.target_accuracy} is invalid: it must be in (0, 1]")
         if args.eval_every < 1 or args.steps < 1:
             raise ValueError("--eval-every and --steps must be >= 1")
-        for b in set(args.bandwidth):
-            cluster.parse_bandwidth(b)
-            cluster.check_can_emulate(b)
+        _check_network(args)
     except (ValueError, cluster.ClusterError) as err:
         raise usage_error(str(err)) from None
     results = accuracy.run_time_to_accuracy(
         chosen, args.workers[0], args.bandwidth, args.out, target=args.target_accuracy,
         eval_every=args.eval_every, steps=args.steps, timeout=args.timeout, progress=not args.quiet,
     )  # fmt: skip
-    table = accuracy.markdown(results)
-    (args.out / "time_to_accuracy.md").write_text(table)
-    plots = accuracy.plot(results, args.out)
+    _write_outputs(args.out, "time_to_accuracy", accuracy.markdown(results), accuracy.plot(results, args.out))
+    return 1 if all("error" in r for r in results) else 0
+
+
+def _check_network(args: argparse.Namespace) -> None:
+    """Every --bandwidth and --latency well-formed, and emulable here (root, ip and tc)."""
+    from gradzip.bench import cluster
+
+    for b in args.bandwidth:
+        cluster.parse_bandwidth(b)
+    cluster.parse_latency(args.latency)
+    for b in set(args.bandwidth):
+        cluster.check_can_emulate(b)
+
+
+def _write_outputs(out: Path, stem: str, table: str, plots: list[Path]) -> None:
+    (out / f"{stem}.md").write_text(table)
     print(table)
     print(
-        f"results: {args.out / 'time_to_accuracy.json'}; plots: {', '.join(str(p) for p in plots) or 'none'}"
+        f"results: {out / (stem + '.json')}, {out / (stem + '.md')}; plots: {', '.join(map(str, plots)) or 'none'}"
     )
-    return 1 if all("error" in r for r in results) else 0

@@ -200,7 +200,7 @@ def run_grid(
         check_can_emulate(bandwidth)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    bar = _progress(len(specs), progress)
+    bar = progress_bar(len(specs), progress)
     groups: dict[tuple[int, str, str], list[BenchSpec]] = {}
     for s in specs:
         groups.setdefault((s.workers, s.bandwidth, s.latency), []).append(s)
@@ -224,12 +224,13 @@ def run_grid(
     return results
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool, unit: str = "config") -> Any:
+    """A tqdm bar, or None when disabled."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="config", dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, dynamic_ncols=True)
 
 
 def save_json(results: Iterable[dict[str, Any]], path: Path) -> None:

@@ -32,9 +32,7 @@ class ACPSGD(LowRankReducer):
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
         self.begin(bucket)
         if self.warming_up:
-            fut = self.all_reduce_mean(bucket)
-            self.end(bucket)
-            return fut
+            return self.uncompressed(bucket)
         plan = self.lowrank_plan(bucket)
         p_step = self.p_step
         msg, slots, raw = plan.message(bucket, [rows if p_step else cols for rows, cols, _ in plan.shapes])

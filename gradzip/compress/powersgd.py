@@ -55,9 +55,7 @@ class PowerSGD(LowRankReducer):
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
         self.begin(bucket)
         if self.warming_up:
-            fut = self.all_reduce_mean(bucket)
-            self.end(bucket)
-            return fut
+            return self.uncompressed(bucket)
         plan = self.lowrank_plan(bucket)
         msg, slots, raw = plan.message(bucket, [rows for rows, _, _ in plan.shapes])
         ms = []

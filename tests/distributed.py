@@ -29,6 +29,8 @@ def _entry(
     rank: int, world: int, port: int, init: bool, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any
 ) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # All ranks are on this machine: gloo must use loopback, never the machine's network interface.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)  # several workers share 2 cores: one thread each avoids oversubscription
     try:
         if not init:  # fn starts its own process groups, from the environment torchrun would set

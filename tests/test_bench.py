@@ -35,9 +35,9 @@ def test_bench_tiny_grid_writes_results_and_cleans_up(tmp_path: Path) -> None:
     by = {(r["spec"]["bandwidth"], r["spec"]["method"]): r for r in results}
     for bandwidth in ("100mbit", "unlimited"):
         floor, ssgd, acp = (by[(bandwidth, m)] for m in ("floor", "ssgd", "acpsgd"))
-        assert floor["vs_floor"] == 1.0 and ssgd["speedup_vs_ssgd"] == 1.0
         assert acp["speedup_vs_ssgd"] == ssgd["median_s"] / acp["median_s"]
-        assert len(acp["iteration_s"]) == 2 and acp["p10_s"] <= acp["median_s"] <= acp["p90_s"]
+        assert acp["vs_floor"] == acp["median_s"] / floor["median_s"]
+        assert len(acp["iteration_s"]) == 2
         # bytes come from the hooks' own counters; ACP-SGD sends a small fraction of ssgd's
         assert 0 < acp["bytes_sent_per_step"] < ssgd["bytes_sent_per_step"] / 5
         assert floor["bytes_sent_per_step"] is None and floor["wait_s"] is None
@@ -121,3 +121,33 @@ def test_time_to_target_is_the_first_evaluation_at_or_above_it() -> None:
     }
     assert time_to_target(evals, 0.95)["time_to_target_s"] is None
     assert time_to_target(evals, None) == {}
+
+
+def test_run_in_cluster_names_the_failed_rank_reports_timeouts_and_forces_loopback(tmp_path: Path) -> None:
+    from gradzip.bench.cluster import EmulatedCluster
+    from gradzip.bench.runner import run_in_cluster
+
+    def script(body: str) -> list[str]:
+        return [sys.executable, "-c", f"import os, sys, time\n{body}"]
+
+    with EmulatedCluster(3, "unlimited") as cluster:
+        # outside namespaces gloo must use loopback, whatever the caller's environment says
+        os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
+        try:
+            ok = run_in_cluster(
+                cluster,
+                3,
+                script("sys.exit(0 if os.environ['GLOO_SOCKET_IFNAME'] == 'lo' else 5)"),
+                60,
+                tmp_path,
+            )
+        finally:
+            del os.environ["GLOO_SOCKET_IFNAME"]
+        assert ok is None
+        dead = run_in_cluster(
+            cluster, 3, script("print('boom on', os.environ['RANK']); sys.exit(3 if os.environ['RANK'] == '1' else 0)"),
+            60, tmp_path,
+        )  # fmt: skip
+        assert dead == "rank 1 failed: boom on 1"
+        slow = run_in_cluster(cluster, 2, script("time.sleep(60)"), 1, tmp_path)
+        assert slow is not None and slow.startswith("timed out after 1 s")

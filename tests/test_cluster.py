@@ -339,13 +339,12 @@ def test_existing_namespace_is_not_ours_to_delete() -> None:
 
 
 @needs_root
-def test_setup_and_teardown_are_fast() -> None:
-    start = time.perf_counter()
+def test_setup_and_teardown_times_are_recorded() -> None:
+    # Recorded, not asserted: wall-clock bounds do not belong in tests on a shared machine (measured
+    # ~0.1 s for both on 2 cores).
     with EmulatedCluster(4, "1gbit", prefix=PREFIX) as c:
-        pass
-    total = time.perf_counter() - start
-    # Generous for a loaded machine; measured ~0.1 s for both on 2 cores.
-    assert total < 10, f"setup {c.setup_s:.2f}s, teardown {c.teardown_s:.2f}s"
+        assert c.setup_s > 0
+    assert c.teardown_s > 0 and not set(c.namespaces) & set(leftover_namespaces(PREFIX))
 
 
 def _child(body: str, prefix: str) -> subprocess.Popen[str]:

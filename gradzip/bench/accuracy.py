@@ -27,6 +27,7 @@ def run_time_to_accuracy(
     steps: int = 600,
     timeout: float = 600.0,
     progress: bool = True,
+    latency: str = "0ms",
 ) -> list[dict[str, Any]]:
     from gradzip.bench.cluster import EmulatedCluster
     from gradzip.bench.runner import progress_bar, run_in_cluster, save_json
@@ -43,7 +44,7 @@ def run_time_to_accuracy(
     with tempfile.TemporaryDirectory(prefix="gradzip-tta-") as tmp:
         try:
             for bandwidth in bandwidths:
-                with EmulatedCluster(workers, bandwidth) as cluster:
+                with EmulatedCluster(workers, bandwidth, latency) as cluster:
                     for method in methods:
                         if bar is not None:
                             bar.set_description(f"{method} x{workers} @{bandwidth}")
@@ -52,6 +53,7 @@ def run_time_to_accuracy(
                             sys.executable, "-m", "gradzip", "train", "--method", method,
                             "--steps", str(steps), "--eval-every", str(eval_every),
                             "--target-accuracy", str(target), "--json", str(out), "--quiet",
+                            "--backend", "gloo",  # NCCL would bypass the emulated links (shared memory)
                         ]  # fmt: skip
                         error = run_in_cluster(cluster, workers, argv, timeout, Path(tmp))
                         row: dict[str, Any] = {"method": method, "workers": workers, "bandwidth": bandwidth}

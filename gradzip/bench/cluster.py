@@ -391,6 +391,8 @@ def _register(cluster: EmulatedCluster) -> None:
             previous = signal.getsignal(sig)
             if previous is None:  # installed outside Python: we could not hand the signal back to it
                 continue
+            if previous is signal.SIG_IGN:  # e.g. SIGHUP under nohup: ignored it is, and stays
+                continue
             _saved_handlers[sig] = previous
             signal.signal(sig, _on_signal)
 

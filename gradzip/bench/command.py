@@ -165,6 +165,7 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
     results = accuracy.run_time_to_accuracy(
         chosen, args.workers[0], args.bandwidth, args.out, target=args.target_accuracy,
         eval_every=args.eval_every, steps=args.steps, timeout=args.timeout, progress=not args.quiet,
+        latency=args.latency,
     )  # fmt: skip
     _write_outputs(args.out, "time_to_accuracy", accuracy.markdown(results), accuracy.plot(results, args.out))
     return 1 if all("error" in r for r in results) else 0

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,8 @@ class Grid:
         for model in self.models:
             if model not in MODELS:
                 raise ValueError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODELS))}")
+        if self.iters < 1:
+            raise ValueError(f"iters={self.iters} is invalid: at least 1 measured iteration")
         for name in ("workers", "batch_sizes", "ranks"):
             for v in getattr(self, name):
                 if not isinstance(v, int) or v < 1:
@@ -124,36 +127,50 @@ def add_references(results: list[dict[str, Any]]) -> None:
         r["vs_floor"] = r["median_s"] / ref["floor"] if "floor" in ref else None
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, log_dir: Path) -> str | None:
     """``argv`` as ``workers`` processes, rank r on host r of ``cluster``, with torchrun's environment.
 
     Returns None when every process succeeded, else a one-line reason naming the failed rank."""
-    port = random.randint(20000, 60000)  # each host namespace is fresh, so any port is free in host 0's
-    procs, logs = [], []
-    for rank in range(workers):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(workers),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(workers),
-            MASTER_ADDR=cluster.hosts[0].address,
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
-        if cluster.hosts[rank].netns is not None:
-            env["GLOO_SOCKET_IFNAME"] = "eth0"  # the emulated link, not loopback
-        log = open(log_dir / f"rank{rank}-{port}.log", "w+")  # noqa: SIM115 (closed below)
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(cluster.command(rank, argv), env=env, stdout=log, stderr=subprocess.STDOUT)
-        )
-    deadline = time.monotonic() + timeout
+    # Loopback when the workers share the root namespace; inside namespaces any port is free in host 0's.
+    port = _free_loopback_port() if cluster.hosts[0].netns is None else random.randint(20000, 60000)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    timed_out = False
     failed: int | None = None
     try:
+        for rank in range(workers):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(workers),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(workers),
+                MASTER_ADDR=cluster.hosts[0].address,
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+                # Always set, never inherited: gloo must use the emulated link inside a namespace and
+                # loopback outside one. Left to choose, it may bind the machine's own network interface,
+                # and no traffic of ours may leave our namespaces.
+                GLOO_SOCKET_IFNAME="eth0" if cluster.hosts[rank].netns is not None else "lo",
+            )
+            log = open(log_dir / f"rank{rank}-{port}.log", "w+")  # noqa: SIM115 (closed below)
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(cluster.command(rank, argv), env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+        deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-            if failed is not None or time.monotonic() > deadline:
+            if failed is not None:
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
                 break
             time.sleep(0.05)
     finally:
@@ -161,16 +178,16 @@ def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, 
             if p.poll() is None:
                 p.kill()
             p.wait()
-    if failed is None:
+    if failed is None and not timed_out:
         failed = next((r for r, p in enumerate(procs) if p.returncode != 0), None)
     texts = []
     for log in logs:
         log.seek(0)
         texts.append(log.read())
         log.close()
-    if failed is None and all(p.returncode == 0 for p in procs):
+    if failed is None and not timed_out:
         return None
-    reason = "timed out" if failed is None else f"rank {failed} failed"
+    reason = f"timed out after {timeout:.0f} s" if timed_out else f"rank {failed} failed"
     lines = [ln for ln in texts[failed or 0].splitlines() if ln.strip()]
     return f"{reason}: {lines[-1] if lines else 'no output'}"
 

@@ -11,7 +11,6 @@ collectives, which splits backward into compute, compression and communication w
 import dataclasses
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -97,19 +96,8 @@ def attach(model: DDP, spec: BenchSpec) -> Any:
     return state
 
 
-def _use_cluster_interface() -> None:
-    """Inside a namespace, make gloo use the emulated link, not loopback (which it would otherwise pick
-    from the hostname)."""
-    if "GLOO_SOCKET_IFNAME" in os.environ:
-        return
-    names = [name for _, name in socket.if_nameindex() if name != "lo"]
-    if len(names) == 1:
-        os.environ["GLOO_SOCKET_IFNAME"] = names[0]
-
-
 def run(spec: BenchSpec) -> dict[str, Any] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _use_cluster_interface()
     # Every worker shares this machine's cores: one thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.timeout))
@@ -176,8 +164,14 @@ def summarize(spec: BenchSpec, per_rank: list[list[dict[str, float]]]) -> dict[s
             return None
         return statistics.mean(statistics.median(row[name] for row in r) for r in per_rank)
 
-    parts = {name: part(name) for name in ("forward", "backward", "optimizer", "compress", "wait")}
-    fwd, bwd = parts["forward"] or 0.0, parts["backward"] or 0.0
+    # Forward+backward without the hook's own work, per iteration first: a difference of medians could go
+    # negative, the median of differences cannot.
+    for r in per_rank:
+        for row in r:
+            row["compute"] = (
+                row["forward"] + row["backward"] - row.get("compress", 0.0) - row.get("wait", 0.0)
+            )
+    parts = {name: part(name) for name in ("compute", "optimizer", "compress", "wait")}
     compress, wait = parts["compress"], parts["wait"]
     out: dict[str, Any] = {
         "spec": dataclasses.asdict(spec),
@@ -186,7 +180,7 @@ def summarize(spec: BenchSpec, per_rank: list[list[dict[str, float]]]) -> dict[s
         "p10_s": _quantile(iters, 0.1),
         "p90_s": _quantile(iters, 0.9),
         "samples_per_s": spec.workers * spec.batch_size / med,
-        "forward_backward_s": fwd + bwd - (compress or 0.0) - (wait or 0.0),
+        "forward_backward_s": parts["compute"],
         "compress_s": compress,
         "wait_s": wait,
         "optimizer_s": parts["optimizer"],
@@ -199,8 +193,12 @@ def summarize(spec: BenchSpec, per_rank: list[list[dict[str, float]]]) -> dict[s
 
 
 def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile with linear interpolation (q=0.5 is the median)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def main(argv: list[str] | None = None) -> int:

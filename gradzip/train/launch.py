@@ -154,6 +154,9 @@ def spawn(
         start_method="spawn",
         local_addr="127.0.0.1",
     )
+    # Every worker is on this machine: gloo talks over loopback rather than whatever interface the hostname
+    # resolves to (a user's own setting is kept).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory(prefix="gradzip-") as report_dir:
         try:
             results = elastic_launch(config, _guarded)(entrypoint, report_dir, cfg)

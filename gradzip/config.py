@@ -46,10 +46,6 @@ class MethodConfig:
             setattr(self, f.name, _check_type(f.name, f.type, getattr(self, f.name)))
 
     @classmethod
-    def fields(cls) -> list[dataclasses.Field[Any]]:
-        return list(dataclasses.fields(cls))
-
-    @classmethod
     def from_options(cls, method: str, options: dict[str, Any]) -> MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,6 @@ def run_grid(
     grid: Grid,
     out_dir: Path,
     progress: bool = True,
-    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every configuration; results are saved after each one, so an interrupted run loses nothing."""
     from gradzip.bench.cluster import EmulatedCluster, check_can_emulate
@@ -231,8 +230,6 @@ def run_grid(
                         results.append(run_spec(spec, cluster, Path(tmp)))
                         add_references(results)
                         save_json(results, out_dir / "results.json")
-                        if on_result is not None:
-                            on_result(results)
                         if bar is not None:
                             bar.update()
         finally:

@@ -50,7 +50,7 @@ class ElementwiseReducer(Reducer):
             raise ValueError(f"compressor {compressor.name!r}: a summable payload must be float32 to fuse")
         if not caps.shared_randomness:
             # Independent randomness per worker (e.g. QSGD's rounding) keeps the aggregate unbiased.
-            compressor.reseed(compressor._seed * 1_000_003 + comm.rank)
+            compressor.reseed(compressor.seed * 1_000_003 + comm.rank)
         self.compressor = compressor
         self.min_rate = min_rate
         self.ef = ErrorFeedback() if error_feedback else None

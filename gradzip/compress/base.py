@@ -42,6 +42,10 @@ class Compressor:
         self._stream = seed
         self._device_generators: dict[torch.device, torch.Generator] = {}
 
+    @property
+    def seed(self) -> int:
+        return self._seed
+
     def reseed(self, seed: int) -> None:
         self._seed = seed
         self._position(seed)

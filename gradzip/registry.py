@@ -20,6 +20,7 @@ from gradzip.config import (
 
 if TYPE_CHECKING:
     from gradzip.comm.collectives import Comm
+    from gradzip.compress.base import Compressor
     from gradzip.reducer import Reducer
 
 
@@ -31,6 +32,9 @@ class MethodSpec:
     wire: str
     aggregation: str
     build: Callable[[Any, Comm], Reducer]
+    kind: str = "hook"
+    """How it trains: "hook" (a DDP communication hook), "server" (parameter servers, DoubleSqueeze) or
+    "gossip" (decentralized, no all-reduce)."""
 
 
 def _ssgd(cfg: MethodConfig, comm: Comm) -> Reducer:
@@ -77,6 +81,18 @@ def _qsgd(cfg: QSGDConfig) -> Any:
     from gradzip.compress.qsgd import QSGD
 
     return QSGD(cfg.levels, seed=cfg.seed)
+
+
+def _identity(cfg: MethodConfig) -> Any:
+    from gradzip.compress.identity import Identity
+
+    return Identity()
+
+
+def _half(cfg: MethodConfig) -> Any:
+    from gradzip.compress.identity import Half
+
+    return Half()
 
 
 def _powersgd(cfg: LowRankConfig, comm: Comm) -> Reducer:
@@ -146,6 +162,55 @@ METHODS: dict[str, MethodSpec] = {
         ),
     ]
 }
+
+
+@dataclass(frozen=True)
+class CompressorSpec:
+    """An element-wise compressor other patterns (DoubleSqueeze, Choco-SGD) can carry: its options are those
+    of the method of the same name, less the ones that belong to that method's own pattern."""
+
+    config_cls: type[MethodConfig]
+    make: Callable[[Any], Compressor]
+
+
+COMPRESSORS: dict[str, CompressorSpec] = {
+    "identity": CompressorSpec(MethodConfig, _identity),
+    "fp16": CompressorSpec(MethodConfig, _half),
+    "signsgd": CompressorSpec(SignConfig, _sign),
+    "topk": CompressorSpec(TopKConfig, _topk),
+    "randomk": CompressorSpec(RandomKConfig, _randomk),
+    "qsgd": CompressorSpec(QSGDConfig, _qsgd),
+}
+
+# Options of a compressor's method that are not the compressor's: they belong to the pattern around it.
+PATTERN_OPTIONS = ("min_compression_rate", "momentum_correction", "error_feedback")
+
+
+def compressor_options(name: str) -> list[str]:
+    """The options compressor ``name`` takes (a subset of its method's)."""
+    spec = get_compressor_spec(name)
+    return [f for f in spec.config_cls.__dataclass_fields__ if f not in PATTERN_OPTIONS]
+
+
+def get_compressor_spec(name: str) -> CompressorSpec:
+    try:
+        return COMPRESSORS[name]
+    except KeyError:
+        valid = ", ".join(sorted(COMPRESSORS))
+        raise ValueError(f"unknown compressor {name!r}; valid compressors: {valid}") from None
+
+
+def make_compressor(name: str, **options: Any) -> Compressor:
+    """Compressor ``name`` (``signsgd``, ``topk``, ...) with its options validated like its method's."""
+    spec = get_compressor_spec(name)
+    valid = compressor_options(name)
+    for key in options:
+        if key not in valid:
+            raise ValueError(
+                f"compressor {name!r} has no option {key!r}; valid options: {', '.join(valid) or '(none)'}"
+            )
+    compressor: Compressor = spec.make(spec.config_cls.from_options(name, options))
+    return compressor
 
 
 def methods() -> list[str]:

@@ -89,12 +89,22 @@ class Compressor:
         raise NotImplementedError
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
-        """Dense tensor of ``numel`` from payloads; payloads may carry leading dims (one row per worker)."""
+        """Dense tensor of ``numel`` from payloads; payloads may carry leading dims (one row per worker).
+
+        ``ctx`` is ``encode``'s context on the worker that encoded; any other worker passes
+        ``shared_context`` instead (None for self-describing payloads)."""
         raise NotImplementedError
 
-    def aggregate(self, gathered: list[torch.Tensor], numel: int) -> torch.Tensor:
-        """Mean over workers of the decoded payloads; ``gathered`` tensors are ``[world, ...]``."""
-        return self.decode(gathered, None, numel).mean(0)
+    def shared_context(self, numel: int, device: torch.device) -> Any:
+        """The context a worker that did not encode needs to decode (after ``select_stream`` to the encoder's
+        stream): compressors whose payload leaves out what every worker can draw (random-k's indices)
+        redraw it here. Self-describing payloads need none."""
+        return None
+
+    def aggregate(self, gathered: list[torch.Tensor], numel: int, ctx: Any = None) -> torch.Tensor:
+        """Mean over workers of the decoded payloads; ``gathered`` tensors are ``[world, ...]``; ``ctx`` is
+        the ``shared_context`` of payloads that need one."""
+        return self.decode(gathered, ctx, numel).mean(0)
 
     def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
         """Turn ``p`` into ``p - decode(encode(p))`` in place (the new error-feedback residual)."""

@@ -26,9 +26,13 @@ class RandomK(Compressor):
     def payload_spec(self, numel: int) -> list[tuple[torch.dtype, int]]:
         return [(torch.float32, k_of(self.density, numel))]
 
+    def shared_context(self, numel: int, device: torch.device) -> torch.Tensor:
+        """The indices of the current stream: every worker draws the same ones."""
+        k = k_of(self.density, numel)
+        return torch.randint(numel, (k,), generator=self.rng(device), device=device)
+
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        k = k_of(self.density, x.numel())
-        idx = torch.randint(x.numel(), (k,), generator=self.rng(x.device), device=x.device)
+        idx = self.shared_context(x.numel(), x.device)
         return [x[idx]], idx
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ class ScaledSign(Compressor):
         scale, bits = payload
         return self._signs(bits, numel) * scale
 
-    def aggregate(self, gathered: list[torch.Tensor], numel: int) -> torch.Tensor:
+    def aggregate(self, gathered: list[torch.Tensor], numel: int, ctx: Any = None) -> torch.Tensor:
         scales, bits = gathered
         if not self.majority_vote:
             return self.decode(gathered, None, numel).mean(0)

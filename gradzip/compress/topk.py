@@ -47,7 +47,7 @@ class TopK(Compressor):
         out = torch.zeros((*values.shape[:-1], numel), dtype=values.dtype, device=values.device)
         return out.scatter_(-1, indices.long(), values)
 
-    def aggregate(self, gathered: list[torch.Tensor], numel: int) -> torch.Tensor:
+    def aggregate(self, gathered: list[torch.Tensor], numel: int, ctx: Any = None) -> torch.Tensor:
         return scatter_mean(gathered[0], gathered[1], numel)
 
     def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:

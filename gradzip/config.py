@@ -23,8 +23,15 @@ def _check(ok: bool, name: str, value: Any, valid: str) -> None:
 
 
 def _check_type(name: str, annotation: Any, value: Any) -> Any:
-    """The value of a bool, int or float field, type-checked (ints are accepted for floats)."""
+    """The value of a bool, int, float or str field (or ``X | None``), type-checked (ints are accepted for
+    floats)."""
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if kind.endswith(" | None"):
+        if value is None:
+            return None
+        kind = kind.removesuffix(" | None")
+    if kind == "str":
+        _check(isinstance(value, str), name, value, "a string")
     if kind == "bool":
         _check(isinstance(value, bool), name, value, "true or false")
     elif kind == "int":
@@ -128,3 +135,69 @@ class LowRankConfig(CompressedConfig):
         super().__post_init__()
         _check(self.rank >= 1, "rank", self.rank, "an integer >= 1")
         _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+
+
+PLACEMENTS = ("sharded", "server")
+
+
+@dataclass
+class DoubleSqueezeConfig(MethodConfig):
+    """DoubleSqueeze (Tang et al. 2019): both passes through the parameter server compressed, with error
+    compensation on the workers and on the server. The compressor's own options are passed through."""
+
+    compressor: str = opt(
+        "signsgd", "compressor of both passes: identity, fp16, signsgd, topk, randomk, qsgd"
+    )
+    placement: str = opt(
+        "sharded",
+        "sharded: every worker serves 1/n of each tensor (a DDP hook); "
+        "server: dedicated server processes that do not train",
+    )
+    server_error_feedback: bool = opt(
+        True, "error compensation on the server's pass (false: the ablation the paper argues against)"
+    )
+    servers: int = opt(1, "dedicated server processes for placement=server (each owns 1/K of each tensor)")
+    density: float | None = opt(
+        None, "the compressor's density (topk, randomk); default: the compressor's own"
+    )
+    levels: int | None = opt(None, "the compressor's levels (qsgd); default: the compressor's own")
+    seed: int = opt(0, "seed of the compressor's own torch.Generator")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.placement in PLACEMENTS, "placement", self.placement, " or ".join(PLACEMENTS))
+        _check(self.servers >= 1, "servers", self.servers, "an integer >= 1")
+        self.make_compressor()  # refuses an unknown compressor, or an option it does not take, here
+
+    def compressor_options(self) -> dict[str, Any]:
+        from gradzip.registry import compressor_options
+
+        valid = compressor_options(self.compressor)
+        given = {"density": self.density, "levels": self.levels, "seed": self.seed}
+        wrong = [k for k, v in given.items() if v is not None and k not in valid and k != "seed"]
+        if wrong:
+            raise ValueError(
+                f"compressor {self.compressor!r} has no option {wrong[0]!r}; "
+                f"its options: {', '.join(valid) or '(none)'}"
+            )
+        return {k: v for k, v in given.items() if v is not None and k in valid}
+
+    def make_compressor(self) -> Any:
+        from gradzip.registry import make_compressor
+
+        return make_compressor(self.compressor, **self.compressor_options())
+
+
+@dataclass
+class DoubleSqueezeAsyncConfig(DoubleSqueezeConfig):
+    """Asynchronous DoubleSqueeze: dedicated servers hold the model and apply each push as it arrives."""
+
+    placement: str = opt("server", "always server: the asynchronous variant needs dedicated servers")
+    max_staleness: int = opt(
+        4, "a worker may run at most this many steps ahead of the slowest one; further ahead, it waits"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.placement == "server", "placement", self.placement, "server (asynchronous needs servers)")
+        _check(self.max_staleness >= 0, "max_staleness", self.max_staleness, "an integer >= 0")

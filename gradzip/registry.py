@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gradzip.config import (
+    DoubleSqueezeAsyncConfig,
+    DoubleSqueezeConfig,
     LowRankConfig,
     MethodConfig,
     QSGDConfig,
@@ -17,6 +19,7 @@ from gradzip.config import (
     SignConfig,
     TopKConfig,
 )
+from gradzip.gossip.config import ChocoConfig, DPSGDConfig, PowerGossipConfig
 
 if TYPE_CHECKING:
     from gradzip.comm.collectives import Comm
@@ -107,6 +110,33 @@ def _acpsgd(cfg: LowRankConfig, comm: Comm) -> Reducer:
     return ACPSGD(cfg, comm)
 
 
+def _doublesqueeze(cfg: DoubleSqueezeConfig, comm: Comm) -> Reducer:
+    if cfg.placement == "server":
+        raise ValueError(
+            "doublesqueeze with placement='server' runs dedicated server processes, which a DDP hook cannot "
+            "start: use gradzip train --placement server, or gradzip.paramserver (see the README)"
+        )
+    from gradzip.comm.doublesqueeze import DoubleSqueezeSharded
+
+    return DoubleSqueezeSharded(cfg, comm)
+
+
+def _servers_only(cfg: MethodConfig, comm: Comm) -> Reducer:
+    raise ValueError(
+        "doublesqueeze-async runs on dedicated servers, not as a DDP hook: use gradzip train, or "
+        "gradzip.paramserver (see the README)"
+    )
+
+
+def _gossip(cfg: MethodConfig, comm: Comm) -> Reducer:
+    # The config class names the gossip class: DPSGDConfig -> gradzip.gossip.DPSGD, and so on.
+    cls = type(cfg).__name__.removesuffix("Config")
+    raise ValueError(
+        "this method is decentralized (gossip with neighbours, no all-reduce), not a DDP hook: use "
+        f"gradzip.gossip.{cls}(model, topology=...) and call .step() after optimizer.step(), or gradzip train"
+    )
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
@@ -159,6 +189,50 @@ METHODS: dict[str, MethodSpec] = {
             "one factor per step",
             "one all-reduce",
             _acpsgd,
+        ),
+        MethodSpec(
+            "dpsgd",
+            DPSGDConfig,
+            "D-PSGD: decentralized, each worker averages its model with its neighbours', uncompressed",
+            "the whole model, fp32",
+            "gossip with neighbours",
+            _gossip,
+            kind="gossip",
+        ),
+        MethodSpec(
+            "choco",
+            ChocoConfig,
+            "Choco-SGD: decentralized, compressed model differences with public copies and a consensus step",
+            "the compressor's payload per neighbour",
+            "gossip with neighbours",
+            _gossip,
+            kind="gossip",
+        ),
+        MethodSpec(
+            "powergossip",
+            PowerGossipConfig,
+            "PowerGossip: decentralized, model differences compressed by warm-started power iteration",
+            "one rank-r projection per matrix per neighbour",
+            "gossip with neighbours",
+            _gossip,
+            kind="gossip",
+        ),
+        MethodSpec(
+            "doublesqueeze",
+            DoubleSqueezeConfig,
+            "DoubleSqueeze: any compressor on both passes through parameter servers, error feedback on both",
+            "the compressor's payload, both directions",
+            "all-to-all + all-gather (sharded) or dedicated servers",
+            _doublesqueeze,
+        ),
+        MethodSpec(
+            "doublesqueeze-async",
+            DoubleSqueezeAsyncConfig,
+            "asynchronous DoubleSqueeze: servers apply pushes as they arrive, bounded staleness",
+            "the compressor's payload, both directions",
+            "dedicated servers, point-to-point",
+            _servers_only,
+            kind="server",
         ),
     ]
 }
@@ -213,9 +287,9 @@ def make_compressor(name: str, **options: Any) -> Compressor:
     return compressor
 
 
-def methods() -> list[str]:
-    """The public method names, sorted."""
-    return sorted(METHODS)
+def methods(kind: str | None = None) -> list[str]:
+    """The public method names, sorted; only those of ``kind`` ("hook", "server", "gossip") when given."""
+    return sorted(name for name, spec in METHODS.items() if kind is None or spec.kind == kind)
 
 
 def get_spec(name: str) -> MethodSpec:

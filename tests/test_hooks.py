@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradzip
 from tests.distributed import run_workers
 
-METHODS = gradzip.methods()
+METHODS = gradzip.methods("hook")
 
 
 def mixed_net() -> nn.Module:

@@ -151,7 +151,7 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
     from gradzip.bench import accuracy, cluster
     from gradzip.registry import methods
 
-    chosen = [m for m in args.methods if m in methods()]  # the floor and torch's hook do not train here
+    chosen = [m for m in args.methods if m in methods("hook")]  # the floor and torch's hook do not train here
     try:
         if not chosen:
             raise ValueError(f"no registry method in --methods {','.join(args.methods)}")

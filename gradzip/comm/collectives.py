@@ -56,6 +56,33 @@ class Comm:
         assert work is not None
         return work.get_future().then(lambda _: t)
 
+    def all_to_all(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        """Row ``j`` of ``t`` (``[world, ...]``) goes to worker ``j``; row ``i`` of the result came from
+        worker ``i``. A worker's own row never leaves it, so it is not counted."""
+        out = torch.empty_like(t)
+        row = t[0].nbytes if len(t) else 0
+        self._record("all_to_all", t, row * (self.world - 1))
+        self.stats.bytes_sent -= row  # _record counted the whole tensor; the own row stays here
+        work = dist.all_to_all_single(out, t, group=self.group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda _: out)
+
+    def isend(self, t: torch.Tensor, dst: int) -> dist.Work:
+        """Send ``t`` to global rank ``dst`` (point-to-point, parameter servers)."""
+        self.stats.bytes_sent += t.nbytes
+        if self.trace is not None:
+            self.trace.append(("send", tuple(t.shape), t.dtype))
+        work = dist.isend(t, dst, group=self.group)
+        assert work is not None
+        return work
+
+    def irecv(self, t: torch.Tensor, src: int) -> dist.Work:
+        """Receive into ``t`` from global rank ``src``."""
+        self.stats.bytes_received += t.nbytes
+        work = dist.irecv(t, src, group=self.group)
+        assert work is not None
+        return work
+
     def all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
         """Every worker's ``t`` stacked as ``[world, *t.shape]``, asynchronously."""
         out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)

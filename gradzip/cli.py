@@ -53,19 +53,37 @@ def _method_fields() -> dict[str, tuple[dataclasses.Field[Any], type, list[str]]
             cls
         )  # resolves the string annotations of `from __future__ import annotations`
         for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            # ``float | None`` (an option that defaults to another object's own value) parses as a float.
+            args = [a for a in typing.get_args(typ) if a is not type(None)]
+            if args and len(args) == 1:
+                typ = args[0]
             if f.name in found:
                 found[f.name][2].append(name)
+                if f.default is not None and found[f.name][0].default is None:
+                    found[f.name] = (f, typ, found[f.name][2])  # a real default documents the flag better
             else:
-                found[f.name] = (f, hints[f.name], [name])
+                found[f.name] = (f, typ, [name])
     return found
+
+
+def _option_help(name: str) -> str:
+    """The help of option ``name``: each distinct text (with its default) once, with the methods it has; an
+    option several methods share may mean something slightly different to each (a compressor's density)."""
+    groups: dict[str, list[str]] = {}
+    for method in methods():
+        for f in dataclasses.fields(METHODS[method].config_cls):
+            if f.name == name:
+                groups.setdefault(f"{f.metadata.get('help', '')} (default {f.default!r}", []).append(method)
+    return " | ".join(f"{text}; {', '.join(owners)})" for text, owners in groups.items())
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "method options", "each applies to the methods listed; the defaults are the method's own"
     )
-    for name, (f, typ, owners) in _method_fields().items():
-        help_text = f"{f.metadata.get('help', '')} (default {f.default!r}; {', '.join(owners)})"
+    for name, (_, typ, _) in _method_fields().items():
+        help_text = _option_help(name)
         # SUPPRESS: an option not given stays absent, so the method's own default applies and an option the
         # method lacks is detectable (it is present only when the user typed it).
         common: dict[str, Any] = {"dest": _OPT_PREFIX + name, "default": argparse.SUPPRESS, "help": help_text}
@@ -106,7 +124,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from gradzip.train.data import EMBEDDED
-    from gradzip.train.loop import BACKENDS, DEFAULT_STEPS, TrainConfig
+    from gradzip.train.loop import BACKENDS, DATA_SPLITS, DEFAULT_STEPS, TrainConfig
     from gradzip.train.models import MODELS
 
     # The defaults live in TrainConfig only (gloo: this instance only reads defaults, and nccl needs CUDA).
@@ -186,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A",
         help="report the training time until the test accuracy first reaches A, in (0, 1]; needs --eval-every",
     )
+    train.add_argument(
+        "--data-split",
+        choices=DATA_SPLITS,
+        default=d.data_split,
+        help="iid: a fresh disjoint share of the data per worker each epoch; noniid: a fixed label-skewed "
+        "shard per worker (each sees one or a few classes)",
+    )
+    train.add_argument(
+        "--straggler",
+        default=None,
+        metavar="RANK:FACTOR",
+        help="emulate a slow worker: RANK's steps take FACTOR times as long (e.g. 1:3)",
+    )
     _add_method_options(train)
 
     from gradzip.bench import command as bench_command
@@ -223,6 +254,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     from gradzip.train.launch import under_torchrun
     from gradzip.train.loop import TrainConfig, default_backend, steps_per_epoch
     from gradzip.train.models import build_model
+    from gradzip.train.paramserver import server_count
 
     options = _method_options(args)
     workers = TrainConfig(backend="gloo").workers if args.workers is None else args.workers
@@ -234,7 +266,8 @@ def _train_config(args: argparse.Namespace) -> Any:
                 f"{PROG}: note: --workers {args.workers} ignored under torchrun (WORLD_SIZE={world})",
                 file=sys.stderr,
             )
-        workers = world
+        # Dedicated parameter servers are part of torchrun's world but do not train.
+        workers = world - server_count(args.method, {**make_config(args.method).to_dict(), **options})
     try:
         cfg = TrainConfig(
             method=args.method,
@@ -254,6 +287,8 @@ def _train_config(args: argparse.Namespace) -> Any:
             quiet=args.quiet,
             eval_every=args.eval_every,
             target_accuracy=args.target_accuracy,
+            data_split=args.data_split,
+            straggler=args.straggler,
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -314,6 +349,36 @@ def _print_summary(summary: dict[str, Any]) -> None:
             else f"NO: workers differ by up to {summary['params_max_abs_diff']:.3g}",
         ),
     ]
+    if summary.get("servers"):
+        rows.append(
+            (
+                "servers",
+                f"{summary['servers']}, each sending {_format_bytes(summary['server_bytes_sent_per_step'])} "
+                f"and receiving {_format_bytes(summary['server_bytes_received_per_step'])} per step",
+            )
+        )
+    if summary.get("staleness") is not None:
+        hist = ", ".join(f"{k}: {v}" for k, v in summary["staleness"].items())
+        rows.append(("staleness", f"mean {summary['mean_staleness']:.2f} updates; histogram {{{hist}}}"))
+        rows.append(
+            (
+                "max lead",
+                f"{summary['max_lead']} steps ahead of the slowest (bound {summary['max_staleness']})",
+            )
+        )
+    if len(summary.get("worker_train_time_s", [])) > 1:
+        t = summary["worker_train_time_s"]
+        rows.append(("worker time", f"{min(t):.2f} s to {max(t):.2f} s of training per worker"))
+    if summary.get("topology") is not None:
+        rows.append(("topology", f"{summary['topology']} (spectral gap {summary['spectral_gap']:.3f})"))
+        rows.append(
+            ("consensus distance", f"{summary['consensus_distance']:.3g} (mean_i |x_i - x_mean|^2, final)")
+        )
+        acc = summary["worker_accuracies"]
+        rows.append(
+            ("worker accuracy", f"{100 * min(acc):.2f}% to {100 * max(acc):.2f}% (each worker's own model)")
+        )
+        rows.append(("data split", summary["data_split"]))
     if summary.get("target_accuracy") is not None:
         t = summary["time_to_target_s"]
         reached = (

@@ -162,9 +162,20 @@ class DoubleSqueezeConfig(MethodConfig):
     )
     levels: int | None = opt(None, "the compressor's levels (qsgd); default: the compressor's own")
     seed: int = opt(0, "seed of the compressor's own torch.Generator")
+    momentum_correction: float = opt(
+        0.0,
+        "momentum accumulated on the workers before compression (DGC), in [0, 1); the optimizer then runs "
+        "without momentum (gradzip train arranges this)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(
+            0.0 <= self.momentum_correction < 1.0,
+            "momentum_correction",
+            self.momentum_correction,
+            "in [0, 1)",
+        )
         _check(self.placement in PLACEMENTS, "placement", self.placement, " or ".join(PLACEMENTS))
         _check(self.servers >= 1, "servers", self.servers, "an integer >= 1")
         self.make_compressor()  # refuses an unknown compressor, or an option it does not take, here

@@ -36,3 +36,31 @@ class ErrorFeedback:
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.residuals = {k: v.clone() for k, v in sd.items()}
+
+
+class Velocity:
+    """DGC's momentum correction (Lin et al. 2018): momentum accumulated before compression, ``u = m u + g``.
+
+    With error feedback, optimizer momentum applied after decompression amplifies the bursts that the
+    residuals release; accumulating it here instead keeps the effective update close to momentum SGD. A
+    sparsifier then zeroes the sent entries of ``u`` (``Compressor.mask_sent_``)."""
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum = momentum
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str, g: torch.Tensor) -> torch.Tensor:
+        """``g`` itself without momentum; else the updated velocity (kept here, keyed by name)."""
+        if not self.momentum:
+            return g
+        u = self.buffers.get(key)
+        if u is None:
+            u = self.buffers[key] = g.detach().clone()
+            return u
+        return u.mul_(self.momentum).add_(g)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.buffers.items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.buffers = {k: v.clone() for k, v in sd.items()}

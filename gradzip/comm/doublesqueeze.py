@@ -25,7 +25,7 @@ from torch.futures import Future
 from gradzip.comm.collectives import Comm
 from gradzip.compress.base import Compressor
 from gradzip.config import DoubleSqueezeConfig
-from gradzip.feedback import ErrorFeedback
+from gradzip.feedback import ErrorFeedback, Velocity
 from gradzip.fusion import ByteLayout
 from gradzip.reducer import Bucket, Reducer, new_future
 
@@ -87,18 +87,56 @@ class PartCodec:
         return flat[a:b]
 
     def compress(
-        self, chunks: list[torch.Tensor], keys: list[str], part: int, tag: str, step: int, residual: bool
+        self,
+        chunks: list[torch.Tensor],
+        keys: list[str],
+        part: int,
+        tag: str,
+        step: int,
+        residual: bool,
+        velocity: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Payloads of ``chunks`` (part ``part`` of each tensor); with ``residual`` each chunk becomes, in
-        place, what compression left out (``v - C(v)``)."""
+        place, what compression left out (``v - C(v)``). A sparsifier zeroes the sent entries of the
+        ``velocity`` chunks (DGC's momentum factor masking)."""
         comp, out = self.compressor, []
-        for chunk, key in zip(chunks, keys, strict=True):
+        for t, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
             self._stream(key, part, tag, step)
             payload, ctx = comp.encode(chunk)
             if residual:
                 comp.residual_(chunk, payload, ctx)
+            if velocity is not None and comp.sparsifies:
+                comp.mask_sent_(velocity[t], ctx)
             out += payload
         return out
+
+    def compress_worker(
+        self,
+        ef: ErrorFeedback,
+        velocity: Velocity,
+        grads: list[torch.Tensor],
+        keys: list[str],
+        tag: str,
+        step: int,
+    ) -> list[list[torch.Tensor]]:
+        """The worker's half on every part: ``v_i = u_i + d_i`` (``u_i`` the gradient, or its velocity),
+        formed in the residual's buffer; compressing each part turns it into ``d_i`` in place. Returns the
+        payloads of each part."""
+        us = [velocity(k, g.reshape(-1)) for k, g in zip(keys, grads, strict=True)]
+        vs = [ef.compensate(k, u) for k, u in zip(keys, us, strict=True)]
+        masks = us if velocity.momentum else None
+        return [
+            self.compress(
+                [self.part_of(v, j) for v in vs],
+                keys,
+                j,
+                tag,
+                step,
+                residual=True,
+                velocity=[self.part_of(u, j) for u in masks] if masks is not None else None,
+            )
+            for j in range(self.parts)
+        ]
 
     def _per_tensor(self, views: list[torch.Tensor], numels: tuple[int, ...]) -> list[list[torch.Tensor]]:
         width = len(views) // len(numels) if numels else 0
@@ -180,6 +218,7 @@ class DoubleSqueezeSharded(Reducer):
         self.worker_ef = ErrorFeedback()
         # The server residual of this worker's part of each tensor (keyed by the tensor's name).
         self.server_ef = ErrorFeedback() if cfg.server_error_feedback else None
+        self.velocity = Velocity(cfg.momentum_correction)
         self._pending: list[_Pending] = []
 
     def abort_step(self) -> None:
@@ -193,15 +232,11 @@ class DoubleSqueezeSharded(Reducer):
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
         self.begin(bucket)
         plan: _Plan = self.plan(bucket, self._make_plan)
-        # v_i = g_i + d_i, formed in the residual's buffer; compressing a part turns it into d_i in place.
-        vs = [
-            self.worker_ef.compensate(k, g.reshape(-1))
-            for k, g in zip(bucket.keys, bucket.grads, strict=True)
-        ]
+        parts = self.codec.compress_worker(
+            self.worker_ef, self.velocity, bucket.grads, bucket.keys, "", self.step
+        )
         send = torch.zeros((self.comm.world, plan.width), dtype=torch.uint8, device=bucket.buffer.device)
-        for j in range(self.comm.world):
-            chunks = [self.codec.part_of(v, j) for v in vs]
-            payloads = self.codec.compress(chunks, bucket.keys, j, "", self.step, residual=True)
+        for j, payloads in enumerate(parts):
             self.codec.pack(payloads, plan.numels, j, send[j])
         out = new_future(bucket.buffer)
         self._pending.append(_Pending(bucket, plan, self.comm.all_to_all(send), out))
@@ -240,6 +275,7 @@ class DoubleSqueezeSharded(Reducer):
         sd["compressor"] = self.codec.compressor.state_dict()
         sd["worker_residuals"] = self.worker_ef.state_dict()
         sd["server_residuals"] = self.server_ef.state_dict() if self.server_ef else {}
+        sd["velocity"] = self.velocity.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -253,3 +289,4 @@ class DoubleSqueezeSharded(Reducer):
         self.worker_ef.load_state_dict(sd["worker_residuals"])
         if self.server_ef:
             self.server_ef.load_state_dict(sd["server_residuals"])
+        self.velocity.load_state_dict(sd["velocity"])

@@ -38,7 +38,7 @@ from torch import nn
 from gradzip.comm.collectives import Comm
 from gradzip.comm.doublesqueeze import PartCodec, check_pairing, part_bounds, server_step
 from gradzip.config import DoubleSqueezeConfig
-from gradzip.feedback import ErrorFeedback
+from gradzip.feedback import ErrorFeedback, Velocity
 from gradzip.registry import make_config
 
 HEADER_BYTES = 32  # four int64: step (a worker's push count), flags, spare, spare
@@ -158,6 +158,7 @@ class PSWorker:
         self.widths = [self.codec.layout(self.numels, s).nbytes for s in range(servers)]
         self.comm = Comm()
         self.ef = ErrorFeedback()
+        self.velocity = Velocity(self.cfg.momentum_correction)
         self.step_count = 0
         self.wait_s = 0.0
         self.server_stats: list[dict[str, Any]] = []
@@ -197,18 +198,19 @@ class PSWorker:
     def step(self) -> None:
         push_tag, reply_tag = self._tags()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.params]
-        # v_i = g_i + d_i in the residual's buffer; compressing each part turns it into d_i in place.
-        vs = [self.ef.compensate(n, g.detach().reshape(-1)) for n, g in zip(self.names, grads, strict=True)]
+        pushes = self.codec.compress_worker(
+            self.ef, self.velocity, [g.detach() for g in grads], self.names, push_tag, self.step_count
+        )
         works, replies = [], []
-        for s, dst in enumerate(self.servers):
-            chunks = [self.codec.part_of(v, s) for v in vs]
-            payloads = self.codec.compress(chunks, self.names, s, push_tag, self.step_count, residual=True)
+        for (s, dst), payloads in zip(enumerate(self.servers), pushes, strict=True):
             msg = _frame(self.step_count, 0, self.widths[s], self.codec, payloads, self.numels, s)
             works.append((s, self.comm.isend(msg, dst)))
             reply = torch.empty(HEADER_BYTES + self.widths[s], dtype=torch.uint8)
             works.append((s, self.comm.irecv(reply, dst)))
             replies.append(reply)
         self._wait(works)
+        self.comm.stats.bytes_uncompressed += sum(4 * n for n in self.numels)  # what plain fp32 would send
+        self.comm.stats.steps += 1
         for s, reply in enumerate(replies):
             parts = self.codec.decode(
                 reply[HEADER_BYTES:], self.numels, self.names, s, reply_tag, self.step_count
@@ -336,7 +338,9 @@ class _AsyncServer(_Server):
         grads = self.codec.decode(
             buf[HEADER_BYTES:], self.numels, self.names, self.part, f"/from{worker}", clock
         )
-        lr, m = self.setup.lr, self.setup.momentum
+        # n pushes take the place of one synchronous step's mean of n gradients: each applies 1/n of it, so the
+        # run's learning rate means the same in both variants.
+        lr, m = self.setup.lr / self.setup.workers, self.setup.momentum
         for x, u, g in zip(self.x, self.velocity, grads, strict=True):
             u.mul_(m).add_(g)
             x.sub_(u, alpha=lr)

@@ -33,6 +33,8 @@ class Compressor:
 
     caps: Capabilities
     name: str = "compressor"
+    sparsifies: bool = False
+    """Sends a subset of the entries exactly (``mask_sent_`` applies): top-k, random-k."""
 
     def __init__(self, seed: int = 0) -> None:
         # Randomness is owned: never the global RNG, so training randomness and compression do not interfere.

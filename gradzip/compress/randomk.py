@@ -18,6 +18,7 @@ from gradzip.compress.topk import k_of
 class RandomK(Compressor):
     name = "randomk"
     caps = Capabilities(summable=True, fixed_size=True, shared_randomness=True)
+    sparsifies = True
 
     def __init__(self, density: float, seed: int = 0) -> None:
         super().__init__(seed)

@@ -29,6 +29,7 @@ def scatter_mean(values: torch.Tensor, indices: torch.Tensor, numel: int) -> tor
 class TopK(Compressor):
     name = "topk"
     caps = Capabilities(summable=False, fixed_size=True)
+    sparsifies = True
 
     def __init__(self, density: float, seed: int = 0) -> None:
         super().__init__(seed)

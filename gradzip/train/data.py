@@ -358,3 +358,11 @@ def label_skew_indices(y: torch.Tensor, rank: int, world: int, seed: int) -> tor
     size = len(y) // world
     chunk = order[rank * size : (rank + 1) * size]
     return chunk[torch.randperm(len(chunk), generator=g)]
+
+
+def label_skew_epoch(y: torch.Tensor, rank: int, world: int, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's label-skewed shard (``label_skew_indices``: the same samples every epoch, as data that
+    cannot be pooled stays where it is), in a fresh order each epoch."""
+    shard = label_skew_indices(y, rank, world, seed)
+    g = torch.Generator().manual_seed(seed + epoch)
+    return shard[torch.randperm(len(shard), generator=g)]

@@ -139,11 +139,14 @@ def spawn(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from gradzip.train.paramserver import server_count
+
     _quiet_launcher_logs()
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
-        nproc_per_node=cfg.workers,
+        # Dedicated parameter servers (DoubleSqueeze placement="server") are processes of their own.
+        nproc_per_node=cfg.workers + server_count(cfg.method, cfg.options),
         run_id=f"gradzip-{uuid.uuid4().hex[:12]}",
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",

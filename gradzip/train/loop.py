@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -24,8 +25,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradzip.registry import METHODS, get_spec, make_config
+from gradzip.train.data import label_skew_epoch
 
 BACKENDS = ("gloo", "nccl")
+DATA_SPLITS = ("iid", "noniid")
 
 # Steps when neither steps nor epochs is given; see TrainConfig for the other defaults.
 DEFAULT_STEPS = 600
@@ -77,6 +80,10 @@ class TrainConfig:
     """Evaluate the test accuracy every this many steps (0: only at the end), for time to accuracy."""
     target_accuracy: float | None = None
     """Report the training time and steps until the test accuracy first reaches this (needs eval_every)."""
+    data_split: str = "iid"
+    """``iid``: a fresh disjoint share of the data each epoch; ``noniid``: a fixed label-skewed shard per worker."""
+    straggler: str | None = None
+    """``RANK:FACTOR``: emulate a slow worker whose steps take FACTOR times as long (asynchronous studies)."""
 
     def __post_init__(self) -> None:
         # Sparsifiers apply the run's momentum themselves (DGC momentum correction) unless told otherwise:
@@ -117,12 +124,27 @@ class TrainConfig:
             raise ValueError(
                 f"backend={self.backend!r} is invalid: backend must be one of {', '.join(BACKENDS)}"
             )
+        if self.backend == "nccl" and self.options.get("placement") == "server":
+            raise ValueError("the parameter-server placements run on gloo (CPU tensors): use --backend gloo")
         if self.backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("backend='nccl' needs CUDA, which is not available here; use --backend gloo")
         if not self.bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: bucket_cap_mb must be > 0")
         if not self.timeout > 0:
             raise ValueError(f"timeout={self.timeout!r} is invalid: timeout must be > 0 seconds")
+        if self.data_split not in DATA_SPLITS:
+            raise ValueError(f"data_split={self.data_split!r} is invalid: data_split must be iid or noniid")
+        if get_spec(self.method).kind == "gossip":
+            from gradzip.gossip import make_topology
+
+            make_topology(
+                self.options["topology"], self.workers
+            )  # a torus of 7 fails here, before any worker
+        straggler = parse_straggler(self.straggler)
+        if straggler is not None and straggler[0] >= self.workers:
+            raise ValueError(
+                f"straggler={self.straggler!r} is invalid: rank {straggler[0]} is not one of the {self.workers} workers"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,12 +241,65 @@ def run_worker(cfg: TrainConfig) -> dict[str, Any] | None:
 
     dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
     try:
+        if get_spec(cfg.method).kind == "gossip":  # decentralized: no DDP, no all-reduce in the step
+            from gradzip.train.decentralized import train_decentralized
+
+            return train_decentralized(cfg, device)
+        from gradzip.train.paramserver import server_count, train_with_servers
+
+        if server_count(cfg.method, cfg.options):
+            return train_with_servers(cfg, device)
         return _train(cfg, device, gradzip.ddp_hook, load_dataset, shard_indices, build_model)
     finally:
         # Free the model, DDP and the hook (reference cycles) while the interpreter is fully alive: gloo work
         # objects freed during interpreter teardown can abort the process (pytorch#190489).
         gc.collect()
         dist.destroy_process_group()
+
+
+@dataclass
+class Exchange:
+    """How one worker's training step talks to the others (DDP with a gradzip hook, or a parameter-server
+    client): the training loop and its summary are the same for every pattern."""
+
+    module: nn.Module
+    """What the forward pass runs on (the DDP wrapper, or the model itself)."""
+    stats: Any
+    """The pattern's CommStats (bytes_sent, bytes_received, bytes_uncompressed)."""
+    optimizer: torch.optim.Optimizer | None
+    """The worker's optimizer; None where the update is applied by the pattern (asynchronous servers)."""
+    after_backward: Callable[[], None] = lambda: None
+    """Runs between backward and the optimizer step (a parameter-server exchange)."""
+    group: dist.ProcessGroup | None = None
+    """The process group of the training workers, for the metrics' collectives."""
+    close: Callable[[], dict[str, Any]] = dict
+    """Ends the exchange after the last step; returns extra summary items (rank 0)."""
+
+
+def _ddp_exchange(cfg: TrainConfig, model: nn.Module, device: torch.device, ddp_hook: Any) -> Exchange:
+    ddp_model = DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+    )
+    state, hook = ddp_hook(cfg.method, model=ddp_model, **cfg.options)
+    ddp_model.register_comm_hook(state, hook)
+    optimizer = torch.optim.SGD(ddp_model.parameters(), lr=cfg.lr, momentum=optimizer_momentum(cfg))
+    return Exchange(ddp_model, state.stats, optimizer)
+
+
+def parse_straggler(text: str | None) -> tuple[int, float] | None:
+    """``"RANK:FACTOR"`` -> (rank, factor): that worker's steps take ``factor`` times as long."""
+    if text is None:
+        return None
+    try:
+        rank_text, factor_text = text.split(":")
+        rank, factor = int(rank_text), float(factor_text)
+    except ValueError:
+        raise ValueError(f"straggler={text!r} is invalid: it must be RANK:FACTOR, e.g. 1:3") from None
+    if rank < 0 or not (factor >= 1 and math.isfinite(factor)):
+        raise ValueError(f"straggler={text!r} is invalid: RANK must be >= 0 and FACTOR >= 1")
+    return rank, factor
 
 
 def _train(
@@ -234,8 +309,10 @@ def _train(
     load_dataset: Any,
     shard_indices: Any,
     build_model: Any,
+    make_exchange: Callable[[TrainConfig, nn.Module, torch.device], Exchange] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any] | None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     n_train = len(data.y_train)
     n_steps = total_steps(cfg, n_train, world)
@@ -246,14 +323,12 @@ def _train(
     # parameters at construction, but seeding keeps that a no-op and the run reproducible).
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    ddp_model = DDP(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=cfg.bucket_cap_mb,
-    )
-    state, hook = ddp_hook(cfg.method, model=ddp_model, **cfg.options)
-    ddp_model.register_comm_hook(state, hook)
-    optimizer = torch.optim.SGD(ddp_model.parameters(), lr=cfg.lr, momentum=optimizer_momentum(cfg))
+    if make_exchange is None:
+        ex = _ddp_exchange(cfg, model, device, ddp_hook)
+    else:
+        ex = make_exchange(cfg, model, device)
+    straggler = parse_straggler(cfg.straggler)
+    slowdown = straggler[1] if straggler is not None and straggler[0] == rank else 1.0
 
     show_bar = rank == 0 and not cfg.quiet
     bar = None
@@ -267,28 +342,39 @@ def _train(
     sent = torch.zeros(n_steps, dtype=torch.float64)
     shard = torch.empty(0, dtype=torch.long)
     evals: list[dict[str, float]] = []
-    ddp_model.train()
+    ex.module.train()
     try:
         for step in range(n_steps):
             epoch, i = divmod(step, per_epoch)
             if i == 0:
                 # This rank's disjoint share of a fresh permutation: every epoch sees every sample once.
-                shard = shard_indices(n_train, rank, world, cfg.seed, epoch)
+                shard = (
+                    shard_indices(n_train, rank, world, cfg.seed, epoch)
+                    if cfg.data_split == "iid"
+                    else label_skew_epoch(data.y_train, rank, world, cfg.seed, epoch)
+                )
             idx = shard[i * batch : (i + 1) * batch]
             x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-            sent_before = state.stats.bytes_sent
+            sent_before = ex.stats.bytes_sent
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(ddp_model(x), y)
+            if ex.optimizer is not None:
+                ex.optimizer.zero_grad(set_to_none=True)
+            else:
+                ex.module.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(ex.module(x), y)
             loss.backward()
-            optimizer.step()
+            if slowdown > 1:  # an emulated straggler: its compute takes `slowdown` times as long
+                time.sleep((slowdown - 1) * (time.perf_counter() - t0))
+            ex.after_backward()
+            if ex.optimizer is not None:
+                ex.optimizer.step()
             # .item() synchronizes with the device, so the time includes the step's kernels and collectives.
             loss_value = loss.item()
             times[step] = time.perf_counter() - t0
             losses[step] = loss_value
-            sent[step] = state.stats.bytes_sent - sent_before
+            sent[step] = ex.stats.bytes_sent - sent_before
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step}; try a smaller --lr")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -304,25 +390,28 @@ def _train(
     finally:
         if bar is not None:
             bar.close()
+    extra = ex.close()
 
     # The per-step losses are local mini-batch losses; one all-reduce after the timed loop averages them over
     # the workers without adding a collective to every step.
     # NCCL only reduces CUDA tensors: metrics travel on the training device and come back.
     losses = losses.to(device)
-    dist.all_reduce(losses)
+    dist.all_reduce(losses, group=ex.group)
     losses = losses.cpu() / world
     totals = torch.tensor(
-        [state.stats.bytes_sent, state.stats.bytes_received, state.stats.bytes_uncompressed],
+        [ex.stats.bytes_sent, ex.stats.bytes_received, ex.stats.bytes_uncompressed, float(times.sum())],
         dtype=torch.float64,
         device=device,
     )
-    dist.all_reduce(totals)
-    totals = totals.cpu() / (world * n_steps)
+    per_worker_time = [torch.zeros_like(totals) for _ in range(world)]
+    dist.all_gather(per_worker_time, totals, group=ex.group)
+    worker_train_time_s = [float(t[3]) for t in per_worker_time]
+    totals = torch.stack(per_worker_time).sum(0).cpu()[:3] / (world * n_steps)
 
     checksum = _params_checksum(model).to(device)
     high, low = checksum.clone(), checksum.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ex.group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ex.group)
     params_identical = bool(torch.equal(high, low))
     params_max_abs_diff = 0.0
     if not params_identical:
@@ -330,8 +419,8 @@ def _train(
         # rank takes this branch, as the all-reduced checksums are the same everywhere).
         vec = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
         high, low = vec.clone(), vec
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ex.group)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ex.group)
         params_max_abs_diff = float((high - low).max())
 
     if rank != 0:
@@ -352,6 +441,7 @@ def _train(
         "seed": cfg.seed,
         "steps": n_steps,
         "epochs": n_steps / per_epoch,
+        "data_split": cfg.data_split,
         "final_loss": float(losses[-FINAL_LOSS_WINDOW:].mean()),
         "test_accuracy": accuracy,
         "time_per_step_s": statistics.median(timed.tolist()),
@@ -363,8 +453,10 @@ def _train(
         "compression_ratio": bytes_uncompressed / bytes_sent if bytes_sent > 0 else None,
         "params_identical": params_identical,
         "params_max_abs_diff": params_max_abs_diff,
+        "worker_train_time_s": worker_train_time_s,
         "accuracy_history": evals,
         **time_to_target(evals, cfg.target_accuracy),
+        **extra,
         "history": [
             {"step": s, "loss": float(losses[s]), "time": float(times[s]), "bytes_sent": int(sent[s])}
             for s in range(n_steps)

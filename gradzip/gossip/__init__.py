@@ -1,0 +1,15 @@
+"""Decentralized training: no all-reduce, each worker mixes its model with its neighbours' only.
+
+g = gradzip.gossip.PowerGossip(model, topology="ring", rank=1)   # or DPSGD(...), Choco(...)
+for x, y in data:
+    loss(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+    g.step()                          # gossip with the neighbours
+g.last_consensus_distance; g.stats; g.state_dict()
+"""
+
+from gradzip.gossip.choco import Choco
+from gradzip.gossip.dpsgd import DPSGD
+from gradzip.gossip.powergossip import PowerGossip
+from gradzip.gossip.topology import TOPOLOGIES, Topology, make_topology
+
+__all__ = ["DPSGD", "TOPOLOGIES", "Choco", "PowerGossip", "Topology", "make_topology"]

@@ -258,7 +258,7 @@ def _resume(rank: int, world: int, method: str) -> bool:
     }
 
 
-@pytest.mark.parametrize("method", ["acpsgd", "powersgd", "signsgd", "randomk", "qsgd"])
+@pytest.mark.parametrize("method", ["acpsgd", "powersgd", "signsgd", "randomk", "qsgd", "doublesqueeze"])
 def test_state_dict_resumes_exactly(method: str) -> None:
     assert all(run_workers(_resume, 2, method))
 

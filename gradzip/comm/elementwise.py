@@ -14,7 +14,7 @@ from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
 from gradzip.compress.base import Compressor
-from gradzip.feedback import ErrorFeedback
+from gradzip.feedback import ErrorFeedback, Velocity
 from gradzip.fusion import ByteLayout
 from gradzip.reducer import Bucket, Reducer, is_matrix_worth_it, split_message
 
@@ -58,7 +58,7 @@ class ElementwiseReducer(Reducer):
         # that error feedback releases; accumulating velocity u = m*u + g here instead, and masking the
         # entries just sent, keeps the effective update close to momentum SGD.
         self.momentum = momentum_correction
-        self.velocity: dict[str, torch.Tensor] = {}
+        self.velocity = Velocity(momentum_correction)
 
     def _make_plan(self, bucket: Bucket) -> _Plan:
         comp = self.compressor
@@ -76,14 +76,7 @@ class ElementwiseReducer(Reducer):
 
     def _with_momentum(self, bucket: Bucket, i: int) -> torch.Tensor:
         """The flat tensor to send for ``bucket.grads[i]``: the gradient, or its locally kept velocity."""
-        g = bucket.grads[i].reshape(-1)
-        if not self.momentum:
-            return g
-        u = self.velocity.get(bucket.keys[i])
-        if u is None:
-            u = self.velocity[bucket.keys[i]] = g.detach().clone()
-            return u
-        return u.mul_(self.momentum).add_(g)
+        return self.velocity(bucket.keys[i], bucket.grads[i].reshape(-1))
 
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
         self.begin(bucket)
@@ -142,7 +135,7 @@ class ElementwiseReducer(Reducer):
         sd = super().state_dict()
         sd["compressor"] = self.compressor.state_dict()
         sd["residuals"] = self.ef.state_dict() if self.ef else {}
-        sd["velocity"] = {k: v.clone() for k, v in self.velocity.items()}
+        sd["velocity"] = self.velocity.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -150,4 +143,4 @@ class ElementwiseReducer(Reducer):
         self.compressor.load_state_dict(sd["compressor"])
         if self.ef:
             self.ef.load_state_dict(sd["residuals"])
-        self.velocity = {k: v.clone() for k, v in sd.get("velocity", {}).items()}
+        self.velocity.load_state_dict(sd.get("velocity", {}))

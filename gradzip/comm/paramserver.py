@@ -177,6 +177,21 @@ class PSWorker:
     def stats(self) -> Any:
         return self.comm.stats
 
+    def state_dict(self) -> dict[str, Any]:
+        """The worker's residuals and velocity (keyed by parameter name), compressor RNG and step."""
+        return {
+            "step": self.step_count,
+            "residuals": self.ef.state_dict(),
+            "velocity": self.velocity.state_dict(),
+            "compressor": self.codec.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step_count = int(sd["step"])
+        self.ef.load_state_dict(sd["residuals"])
+        self.velocity.load_state_dict(sd["velocity"])
+        self.codec.compressor.load_state_dict(sd["compressor"])
+
     def _wait(self, works: list[tuple[int, Any]]) -> None:
         start = time.perf_counter()
         for s, work in works:
@@ -268,7 +283,7 @@ def serve() -> dict[str, Any]:
     stats = server.run()
     stats.update(server=part, rank=rank, **server.comm.stats.to_dict())
     dist.send_object_list([stats], dst=0)
-    return stats
+    return {**stats, "state": server.state_dict()}
 
 
 class _Server:
@@ -282,7 +297,7 @@ class _Server:
         self.ef = ErrorFeedback() if cfg.server_error_feedback else None
         self.timeout = timedelta(seconds=setup.timeout)
 
-    def _recv(self, worker: int) -> tuple[torch.Tensor, Any]:  # noqa: D102
+    def _recv(self, worker: int) -> tuple[torch.Tensor, Any]:
         buf = torch.empty(HEADER_BYTES + self.width, dtype=torch.uint8)
         return buf, self.comm.irecv(buf, worker)
 
@@ -294,6 +309,10 @@ class _Server:
 
     def run(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server's residuals of its part, keyed by tensor name (empty without server error feedback)."""
+        return {"residuals": self.ef.state_dict() if self.ef is not None else {}}
 
 
 class _SyncServer(_Server):
@@ -332,6 +351,15 @@ class _AsyncServer(_Server):
         self.held = [[t.clone() for t in self.x] for _ in range(setup.workers)]
         self.version = 0  # pushes applied
         self.seen = [0] * setup.workers  # the version each worker's model was brought to by its last reply
+
+    def state_dict(self) -> dict[str, Any]:
+        # Asynchronous: the authoritative model, its velocity, and each worker's copy (the residuals).
+        return {
+            "x": [t.clone() for t in self.x],
+            "velocity": [t.clone() for t in self.velocity],
+            "held": [[t.clone() for t in h] for h in self.held],
+            "version": self.version,
+        }
 
     def _apply(self, worker: int, buf: torch.Tensor, clock: int) -> int:
         """Apply worker ``worker``'s push at once; returns its staleness (updates it did not see)."""

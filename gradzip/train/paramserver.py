@@ -64,9 +64,8 @@ def train_with_servers(cfg: TrainConfig, device: torch.device) -> dict[str, Any]
         momentum = optimizer_momentum(cfg)
         extra: dict[str, Any] = {"lr": cfg.lr, "momentum": momentum} if asynchronous else {}
         ps = PSWorker(model, cfg.method, servers=servers, timeout=cfg.timeout, **extra, **options)
-        # Asynchronous: the servers run the optimizer (with the run's lr and momentum) on the authoritative model.
         optimizer = (
-            None if asynchronous else torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+            None if asynchronous else torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=momentum)
         )
 
         def close() -> dict[str, Any]:

@@ -173,8 +173,10 @@ class PartCodec:
     def pack(
         self, payloads: list[torch.Tensor], numels: tuple[int, ...], part: int, into: torch.Tensor
     ) -> None:
+        """Write the payloads straight into ``into`` (a zeroed message row: the padding travels too)."""
         lay = self.layout(numels, part)
-        into[: lay.nbytes].copy_(lay.pack(payloads, into.device))
+        for view, t in zip(lay.views(into[: lay.nbytes]), payloads, strict=True):
+            view.copy_(t.reshape(-1))
 
 
 def server_step(

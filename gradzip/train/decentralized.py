@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from datetime import timedelta
 from typing import Any
@@ -23,15 +22,15 @@ from torch import nn
 
 from gradzip.gossip.config import build_gossip
 from gradzip.registry import make_config
-from gradzip.train.data import label_skew_epoch, load_dataset, shard_indices
+from gradzip.train.data import load_dataset, shard_indices
 from gradzip.train.loop import (
-    FINAL_LOSS_WINDOW,
-    TIMING_WARMUP_STEPS,
     TrainConfig,
-    _params_checksum,
+    epoch_shard,
     evaluate,
+    params_agreement,
+    reduce_metrics,
     steps_per_epoch,
-    time_to_target,
+    summary,
     total_steps,
 )
 from gradzip.train.models import build_model
@@ -80,11 +79,7 @@ def train_decentralized(cfg: TrainConfig, device: torch.device) -> dict[str, Any
         for step in range(n_steps):
             epoch, i = divmod(step, per_epoch)
             if i == 0:
-                shard = (
-                    shard_indices(n_train, rank, world, cfg.seed, epoch)
-                    if cfg.data_split == "iid"
-                    else label_skew_epoch(data.y_train, rank, world, cfg.seed, epoch)
-                )
+                shard = epoch_shard(cfg, data, shard_indices, rank, world, epoch)
             idx = shard[i * batch : (i + 1) * batch]
             x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
             sent_before, metrics_before = gossip.stats.bytes_sent, gossip.metrics_s
@@ -123,30 +118,9 @@ def train_decentralized(cfg: TrainConfig, device: torch.device) -> dict[str, Any
 
     # Metrics after the timed loop (collectives, never part of the gossip).
     final_consensus = gossip.consensus_distance()
-    losses = losses.to(device)
-    dist.all_reduce(losses)
-    losses = losses.cpu() / world
-    totals = torch.tensor(
-        [gossip.stats.bytes_sent, gossip.stats.bytes_received, gossip.stats.bytes_uncompressed],
-        dtype=torch.float64,
-        device=device,
-    )
-    dist.all_reduce(totals)
-    totals = totals.cpu() / (world * n_steps)
-
-    checksum = _params_checksum(model).to(device)
-    high, low = checksum.clone(), checksum.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    params_identical = bool(torch.equal(high, low))
-    params_max_abs_diff = 0.0
-    if not params_identical:  # the normal case here: the models agree only up to the consensus distance
-        vec = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-        high, low = vec.clone(), vec
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        params_max_abs_diff = float((high - low).max())
-
+    losses, totals, worker_train_time_s = reduce_metrics(losses, times, gossip.stats, device)
+    # Not identical is the normal case here: the models agree only up to the consensus distance.
+    params_identical, params_max_abs_diff = params_agreement(model, device)
     own = torch.tensor(
         [evaluate(model, data.x_test, data.y_test, device)], dtype=torch.float64, device=device
     )
@@ -156,38 +130,15 @@ def train_decentralized(cfg: TrainConfig, device: torch.device) -> dict[str, Any
     if rank != 0:
         return None
     accuracy = evaluate(avg, data.x_test, data.y_test, device)
-    timed = times[TIMING_WARMUP_STEPS:] if n_steps > 2 * TIMING_WARMUP_STEPS else times[n_steps // 2 :]
-    bytes_sent, bytes_received, bytes_uncompressed = (float(v) for v in totals)
     return {
-        "method": cfg.method,
-        "options": dict(cfg.options),
-        "model": cfg.model,
-        "dataset": data.name,
-        "workers": world,
-        "backend": cfg.backend,
-        "batch_size": batch,
-        "lr": cfg.lr,
-        "momentum": cfg.momentum,
-        "seed": cfg.seed,
-        "steps": n_steps,
-        "epochs": n_steps / per_epoch,
-        "data_split": cfg.data_split,
+        **summary(cfg, data, world, batch, per_epoch, losses, times, totals, accuracy, evals),
         "topology": gossip.topology.name,
         "spectral_gap": gossip.topology.spectral_gap,
-        "final_loss": float(losses[-FINAL_LOSS_WINDOW:].mean()),
-        "test_accuracy": accuracy,
         "worker_accuracies": [float(a) for a in gathered],
         "consensus_distance": final_consensus,
-        "time_per_step_s": statistics.median(timed.tolist()),
-        "total_train_time_s": float(times.sum()),
-        "bytes_sent_per_step": bytes_sent,
-        "bytes_received_per_step": bytes_received,
-        "bytes_uncompressed_per_step": bytes_uncompressed,
-        "compression_ratio": bytes_uncompressed / bytes_sent if bytes_sent > 0 else None,
         "params_identical": params_identical,
         "params_max_abs_diff": params_max_abs_diff,
-        "accuracy_history": evals,
-        **time_to_target(evals, cfg.target_accuracy),
+        "worker_train_time_s": worker_train_time_s,
         "history": [
             {
                 "step": s,

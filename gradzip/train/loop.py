@@ -302,6 +302,105 @@ def parse_straggler(text: str | None) -> tuple[int, float] | None:
     return rank, factor
 
 
+def epoch_shard(
+    cfg: TrainConfig, data: Any, shard_indices: Any, rank: int, world: int, epoch: int
+) -> torch.Tensor:
+    """This rank's samples for ``epoch``: a disjoint share of a fresh permutation (iid: every epoch sees every
+    sample once), or a fixed label-skewed shard reshuffled (noniid)."""
+    if cfg.data_split == "iid":
+        return shard_indices(len(data.y_train), rank, world, cfg.seed, epoch)
+    return label_skew_epoch(data.y_train, rank, world, cfg.seed, epoch)
+
+
+def reduce_metrics(
+    losses: torch.Tensor,
+    times: torch.Tensor,
+    stats: Any,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, list[float], list[float]]:
+    """After the timed loop: the per-step losses averaged over the workers, the mean bytes sent, received and
+    uncompressed per worker per step, and each worker's training time.
+
+    One collective each after the loop rather than one per step. NCCL only reduces CUDA tensors: metrics
+    travel on the training device and come back."""
+    world, n_steps = dist.get_world_size(group), len(losses)
+    losses = losses.to(device)
+    dist.all_reduce(losses, group=group)
+    mine = torch.tensor(
+        [stats.bytes_sent, stats.bytes_received, stats.bytes_uncompressed, float(times.sum())],
+        dtype=torch.float64,
+        device=device,
+    )
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    totals = torch.stack(every).sum(0).cpu()[:3] / (world * n_steps)
+    return losses.cpu() / world, [float(v) for v in totals], [float(t[3]) for t in every]
+
+
+def params_agreement(
+    model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None
+) -> tuple[bool, float]:
+    """Whether every worker holds bit-identical parameters, and otherwise the largest difference."""
+    checksum = _params_checksum(model).to(device)
+    high, low = checksum.clone(), checksum.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    if torch.equal(high, low):
+        return True, 0.0
+    # Worth a number: how far apart are they? The full vector travels only in this case (every rank takes
+    # this branch, as the all-reduced checksums are the same everywhere).
+    vec = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    high, low = vec.clone(), vec
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    return False, float((high - low).max())
+
+
+def summary(
+    cfg: TrainConfig,
+    data: Any,
+    world: int,
+    batch: int,
+    per_epoch: int,
+    losses: torch.Tensor,
+    times: torch.Tensor,
+    totals: list[float],
+    accuracy: float,
+    evals: list[dict[str, float]],
+) -> dict[str, Any]:
+    """The summary items every kind of run reports (rank 0)."""
+    n_steps = len(losses)
+    timed = times[TIMING_WARMUP_STEPS:] if n_steps > 2 * TIMING_WARMUP_STEPS else times[n_steps // 2 :]
+    bytes_sent, bytes_received, bytes_uncompressed = totals
+    return {
+        "method": cfg.method,
+        "options": dict(cfg.options),
+        "model": cfg.model,
+        "dataset": data.name,
+        "workers": world,
+        "backend": cfg.backend,
+        "batch_size": batch,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "seed": cfg.seed,
+        "steps": n_steps,
+        "epochs": n_steps / per_epoch,
+        "data_split": cfg.data_split,
+        "final_loss": float(losses[-FINAL_LOSS_WINDOW:].mean()),
+        "test_accuracy": accuracy,
+        "time_per_step_s": statistics.median(timed.tolist()),
+        "total_train_time_s": float(times.sum()),
+        "bytes_sent_per_step": bytes_sent,
+        "bytes_received_per_step": bytes_received,
+        "bytes_uncompressed_per_step": bytes_uncompressed,
+        # None rather than inf when nothing was sent (JSON has no infinity).
+        "compression_ratio": bytes_uncompressed / bytes_sent if bytes_sent > 0 else None,
+        "accuracy_history": evals,
+        **time_to_target(evals, cfg.target_accuracy),
+    }
+
+
 def _train(
     cfg: TrainConfig,
     device: torch.device,
@@ -347,12 +446,7 @@ def _train(
         for step in range(n_steps):
             epoch, i = divmod(step, per_epoch)
             if i == 0:
-                # This rank's disjoint share of a fresh permutation: every epoch sees every sample once.
-                shard = (
-                    shard_indices(n_train, rank, world, cfg.seed, epoch)
-                    if cfg.data_split == "iid"
-                    else label_skew_epoch(data.y_train, rank, world, cfg.seed, epoch)
-                )
+                shard = epoch_shard(cfg, data, shard_indices, rank, world, epoch)
             idx = shard[i * batch : (i + 1) * batch]
             x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
             sent_before = ex.stats.bytes_sent
@@ -392,70 +486,26 @@ def _train(
             bar.close()
     extra = ex.close()
 
-    # The per-step losses are local mini-batch losses; one all-reduce after the timed loop averages them over
-    # the workers without adding a collective to every step.
-    # NCCL only reduces CUDA tensors: metrics travel on the training device and come back.
-    losses = losses.to(device)
-    dist.all_reduce(losses, group=ex.group)
-    losses = losses.cpu() / world
-    totals = torch.tensor(
-        [ex.stats.bytes_sent, ex.stats.bytes_received, ex.stats.bytes_uncompressed, float(times.sum())],
-        dtype=torch.float64,
-        device=device,
-    )
-    per_worker_time = [torch.zeros_like(totals) for _ in range(world)]
-    dist.all_gather(per_worker_time, totals, group=ex.group)
-    worker_train_time_s = [float(t[3]) for t in per_worker_time]
-    totals = torch.stack(per_worker_time).sum(0).cpu()[:3] / (world * n_steps)
-
-    checksum = _params_checksum(model).to(device)
-    high, low = checksum.clone(), checksum.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ex.group)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ex.group)
-    params_identical = bool(torch.equal(high, low))
-    params_max_abs_diff = 0.0
-    if not params_identical:
-        # Rare and worth a number: how far apart are they? The full vector travels only in this case (every
-        # rank takes this branch, as the all-reduced checksums are the same everywhere).
-        vec = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-        high, low = vec.clone(), vec
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ex.group)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ex.group)
-        params_max_abs_diff = float((high - low).max())
-
+    losses, totals, worker_train_time_s = reduce_metrics(losses, times, ex.stats, device, ex.group)
+    params_identical, params_max_abs_diff = params_agreement(model, device, ex.group)
     if rank != 0:
         return None
-    accuracy = evaluate(model, data.x_test, data.y_test, device)
-    timed = times[TIMING_WARMUP_STEPS:] if n_steps > 2 * TIMING_WARMUP_STEPS else times[n_steps // 2 :]
-    bytes_sent, bytes_received, bytes_uncompressed = (float(v) for v in totals)
     return {
-        "method": cfg.method,
-        "options": dict(cfg.options),
-        "model": cfg.model,
-        "dataset": data.name,
-        "workers": world,
-        "backend": cfg.backend,
-        "batch_size": batch,
-        "lr": cfg.lr,
-        "momentum": cfg.momentum,
-        "seed": cfg.seed,
-        "steps": n_steps,
-        "epochs": n_steps / per_epoch,
-        "data_split": cfg.data_split,
-        "final_loss": float(losses[-FINAL_LOSS_WINDOW:].mean()),
-        "test_accuracy": accuracy,
-        "time_per_step_s": statistics.median(timed.tolist()),
-        "total_train_time_s": float(times.sum()),
-        "bytes_sent_per_step": bytes_sent,
-        "bytes_received_per_step": bytes_received,
-        "bytes_uncompressed_per_step": bytes_uncompressed,
-        # None rather than inf when nothing was sent (JSON has no infinity).
-        "compression_ratio": bytes_uncompressed / bytes_sent if bytes_sent > 0 else None,
+        **summary(
+            cfg,
+            data,
+            world,
+            batch,
+            per_epoch,
+            losses,
+            times,
+            totals,
+            evaluate(model, data.x_test, data.y_test, device),
+            evals,
+        ),
         "params_identical": params_identical,
         "params_max_abs_diff": params_max_abs_diff,
         "worker_train_time_s": worker_train_time_s,
-        "accuracy_history": evals,
-        **time_to_target(evals, cfg.target_accuracy),
         **extra,
         "history": [
             {"step": s, "loss": float(losses[s]), "time": float(times[s]), "bytes_sent": int(sent[s])}

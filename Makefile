@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test test-gpu lint typecheck unit clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,8 @@ run: $(VENV)/.base
 	$(VENV)/bin/gradzip train
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check gradzip tests
-	$(VENV)/bin/ruff format --check gradzip tests
+	$(VENV)/bin/ruff check gradzip tests tests_gpu
+	$(VENV)/bin/ruff format --check gradzip tests tests_gpu
 
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy gradzip
@@ -32,3 +32,7 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# On a machine with a CUDA GPU: the hooks on CUDA tensors against the CPU, training on NCCL, the kernels.
+test-gpu: $(VENV)/.dev
+	$(PY) -m pytest -q -s tests_gpu

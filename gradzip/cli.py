@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default=None,
-        help="torch.distributed backend (default: nccl if CUDA is available, else gloo)",
+        help="torch.distributed backend (default: nccl when every local worker has a GPU, else gloo)",
     )
     train.add_argument(
         "--bucket-cap-mb",
@@ -281,7 +281,7 @@ def _train_config(args: argparse.Namespace) -> Any:
             steps=args.steps,
             epochs=args.epochs,
             seed=args.seed,
-            backend=args.backend or default_backend(),
+            backend=args.backend or default_backend(workers),
             bucket_cap_mb=args.bucket_cap_mb,
             timeout=args.timeout,
             quiet=args.quiet,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,16 @@ def test_methods_lists_every_method_and_option(capsys: pytest.CaptureFixture[str
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main([], capsys)
     assert code == 2 and err.startswith("gradzip: error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--device", "gpu"], "'gpu'"), (["--shapes", "resnet9000"], "resnet9000")]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA")]),
+)
+def test_bench_kernels_bad_device_or_shapes_is_a_usage_error(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = run_main(["bench", "--kernels", "--out", str(tmp_path), *args], capsys)
+    assert code == 2 and out == ""
+    assert needle in err and "Traceback" not in err

@@ -91,6 +91,17 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         help="measure compress+decompress throughput of every compressor instead",
     )
     bench.add_argument(
+        "--shapes",
+        type=_list(str),
+        default="resnet50",
+        help="comma-separated models whose gradient shapes --kernels runs over",
+    )
+    bench.add_argument(
+        "--device",
+        default="cpu",
+        help="device for --kernels: cpu (one thread, like a worker of the emulated cluster) or cuda[:N]",
+    )
+    bench.add_argument(
         "--cleanup", action="store_true", help="remove network namespaces left by a killed run, then exit"
     )
     bench.add_argument(
@@ -118,9 +129,17 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     if args.kernels:
         from gradzip.bench import kernels
 
-        # One thread, like each worker of the emulated cluster; it also keeps the numbers stable on a shared
-        # machine, where a second thread often waits milliseconds for a pre-empted core.
-        table = kernels.format_table(kernels.run_kernels(threads=1))
+        # One CPU thread, like each worker of the emulated cluster; it also keeps the numbers stable on a
+        # shared machine, where a second thread often waits milliseconds for a pre-empted core.
+        try:
+            timed = [
+                row
+                for shapes in args.shapes
+                for row in kernels.run_kernels(shapes, device=args.device, threads=1)
+            ]
+        except (ValueError, RuntimeError) as err:
+            raise usage_error(str(err)) from None
+        table = kernels.format_table(timed)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernels.md").write_text(table)
         print(table)

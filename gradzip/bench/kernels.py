@@ -383,7 +383,12 @@ def run_kernels(
         raise ValueError(f"shape set {shape_set!r} has no >=2-D shape within max_numel={max_numel}")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} is invalid: repeats must be >= 1")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = torch.device("meta")  # refused just below, with the valid choices
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is invalid: use cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     if threads is not None and threads < 1:

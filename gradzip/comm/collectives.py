@@ -13,6 +13,10 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); torch < 2.13 (the
+# CUDA builds GPU users install) has only the old one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class CommStats:
@@ -87,6 +91,6 @@ class Comm:
         """Every worker's ``t`` stacked as ``[world, *t.shape]``, asynchronously."""
         out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
         self._record("all_gather", t, t.nbytes * (self.world - 1))
-        work = dist.all_gather_single(out.view(-1), t.reshape(-1), group=self.group, async_op=True)
+        work = _all_gather_single(out.view(-1), t.reshape(-1), group=self.group, async_op=True)
         assert work is not None
         return work.get_future().then(lambda _: out)

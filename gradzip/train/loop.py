@@ -49,8 +49,18 @@ def optimizer_momentum(cfg: TrainConfig) -> float:
     return 0.0 if cfg.options.get("momentum_correction") else cfg.momentum
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def local_processes(workers: int) -> int:
+    """Worker processes on this machine: torchrun's LOCAL_WORLD_SIZE under torchrun, else ``workers``."""
+    from gradzip.train.launch import under_torchrun
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", workers)) if under_torchrun() else workers
+
+
+def default_backend(workers: int | None = None) -> str:
+    """nccl where every local worker can have a GPU of its own (NCCL refuses two ranks on one device), else
+    gloo on the CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return "nccl" if gpus and (workers is None or local_processes(workers) <= gpus) else "gloo"
 
 
 @dataclass
@@ -128,6 +138,12 @@ class TrainConfig:
             raise ValueError("the parameter-server placements run on gloo (CPU tensors): use --backend gloo")
         if self.backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("backend='nccl' needs CUDA, which is not available here; use --backend gloo")
+        if self.backend == "nccl" and local_processes(self.workers) > torch.cuda.device_count():
+            raise ValueError(
+                f"backend='nccl' needs a GPU per worker: {local_processes(self.workers)} workers on this "
+                f"machine but {torch.cuda.device_count()} GPU(s); use --workers "
+                f"{torch.cuda.device_count()} or --backend gloo"
+            )
         if not self.bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb!r} is invalid: bucket_cap_mb must be > 0")
         if not self.timeout > 0:

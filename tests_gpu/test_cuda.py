@@ -1,0 +1,119 @@
+"""The CUDA paths, on a machine with a GPU: `make test-gpu` (CI has no GPU and does not collect this folder).
+
+* every DDP hook with CUDA tensors, in 2 real processes sharing one GPU (gloo carries CUDA tensors; NCCL
+  refuses two ranks on one device), against the same hook on the CPU from the same start, in float64;
+* `gradzip train --backend nccl` end to end (one worker per GPU);
+* the compression kernels on the GPU.
+"""
+
+# No `from __future__ import annotations`: DDP checks a hook's annotations as real objects.
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradzip
+from gradzip.bench import kernels
+from tests.distributed import run_workers
+from tests.test_hooks import batch, mixed_net
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+METHODS = gradzip.methods("hook")
+# Their random draws come from a generator on the tensors' device, whose stream differs from the CPU's.
+DEVICE_RANDOM = {"randomk", "qsgd"}
+
+
+def _train(method: str, device: torch.device, rank: int, steps: int = 4) -> tuple[torch.Tensor, bool]:
+    """``steps`` SGD steps of ``method`` on ``device`` in float64; every worker's final flat parameters (on
+    the CPU), and whether the workers stayed bit-identical after every step."""
+    net = mixed_net().double().to(device)
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=0.004)
+    state, hook = gradzip.ddp_hook(method, model=model)
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    identical = True
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.double().to(device)), y.to(device)).backward()
+        opt.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+        seen = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(seen, flat)
+        identical &= all(torch.equal(s, seen[0]) for s in seen)
+    return flat, identical
+
+
+def _cuda_vs_cpu(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    torch.cuda.set_device(0)
+    out = {}
+    for method in METHODS:
+        gpu, gpu_identical = _train(method, torch.device("cuda", 0), rank)
+        cpu, _ = _train(method, torch.device("cpu"), rank)
+        out[method] = {"gpu": gpu, "cpu": cpu, "identical": gpu_identical}
+    return out
+
+
+def test_every_hook_on_cuda_matches_the_cpu() -> None:
+    got = run_workers(_cuda_vs_cpu, 2, timeout=600)[0]
+    start = torch.cat([p.detach().reshape(-1) for p in mixed_net().double().parameters()])
+    ssgd = got["ssgd"]["gpu"]
+    gaps, failures = {}, []
+    for method, r in got.items():
+        moved = float((r["gpu"] - start).abs().max())
+        if not (r["identical"] and moved > 1e-4 and torch.isfinite(r["gpu"]).all()):
+            failures.append(f"{method}: identical={r['identical']}, moved {moved:.2e}")
+        if method in DEVICE_RANDOM:
+            continue
+        gaps[method] = float((r["gpu"] - r["cpu"]).abs().max()) / moved
+        # Payload scales (sign's mean magnitude, DoubleSqueeze's parts) travel as float32, so a float64
+        # run on two devices agrees to float32 rounding, not to float64's; a real bug is off by percents.
+        if gaps[method] > 1e-6:
+            failures.append(f"{method}: CUDA and CPU differ by {gaps[method]:.2e} of the step")
+        if method not in ("ssgd", "fp16") and float((r["gpu"] - ssgd).abs().max()) < 1e-3 * moved:
+            failures.append(f"{method} equals ssgd: the comparison cannot tell methods apart")
+    print("\nCUDA vs CPU, largest gap / largest step:", {m: f"{g:.1e}" for m, g in gaps.items()})
+    assert not failures, failures
+
+
+def _gradzip(*args: str, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "gradzip", "train", "--quiet", "--json", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(out.read_text())
+    return summary
+
+
+@pytest.mark.parametrize("method", ["ssgd", "powersgd", "acpsgd", "doublesqueeze"])
+def test_train_on_nccl(method: str, tmp_path: Path) -> None:
+    workers = torch.cuda.device_count()
+    s = _gradzip("--backend", "nccl", "--workers", str(workers), "--method", method, tmp_path=tmp_path)
+    assert s["backend"] == "nccl"
+    assert s["test_accuracy"] > 0.95, s
+
+
+def test_nccl_with_more_workers_than_gpus_is_refused(tmp_path: Path) -> None:
+    workers = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "gradzip", "train", "--backend", "nccl", "--workers", str(workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_kernels_on_cuda() -> None:
+    results = kernels.run_kernels("resnet50", device="cuda", repeats=5)
+    by = {r.method: r for r in results}
+    assert set(by) == set(kernels.METHODS)
+    for r in results:
+        assert r.seconds > 0 and r.fraction_of_copy > 0, r
+    print("\n" + kernels.format_table(results))

@@ -18,15 +18,23 @@ class ErrorFeedback:
 
     def compensate(self, key: str, g: torch.Tensor) -> torch.Tensor:
         """``p = g + e``, held in the residual's buffer: the caller must leave the new residual in it."""
+        if key not in self.residuals:
+            e = self.residuals[key] = g.detach().clone()
+            return e
+        return self.residual(key, g).add_(g)
+
+    def residual(self, key: str, g: torch.Tensor) -> torch.Tensor:
+        """The residual ``e`` kept for ``g`` (zeros the first time), on ``g``'s device and dtype, for a caller
+        that adds ``g`` itself (a fused kernel) and leaves the new residual in it."""
         e = self.residuals.get(key)
         if e is None:
-            e = self.residuals[key] = g.detach().clone()
+            e = self.residuals[key] = torch.zeros_like(g, memory_format=torch.contiguous_format)
             return e
         if e.shape != g.shape:
             raise ValueError(f"residual of {key!r} has shape {tuple(e.shape)}, its gradient {tuple(g.shape)}")
         if e.device != g.device or e.dtype != g.dtype:  # e.g. a checkpoint loaded with map_location="cpu"
             e = self.residuals[key] = e.to(device=g.device, dtype=g.dtype)
-        return e.add_(g)
+        return e
 
     def set(self, key: str, residual: torch.Tensor) -> None:
         self.residuals[key] = residual

@@ -9,8 +9,9 @@ reducers ship, in the order they call it:
   the sum for summable payloads, ``aggregate`` over a world of one for all-gathered ones) into a gradient
   buffer. Error feedback follows each method's defaults: on for sign, topk and randomk, off for qsgd
   (unbiased) and fp16 (a plain all-reduce).
-* low-rank (``powersgd``, ``acpsgd``), per matrix viewed as ``shape[0] x rest``: the helpers of
-  :mod:`gradzip.compress.lowrank` as the reducers use them, message slots included; the collectives are
+* low-rank (``powersgd``, ``acpsgd``), per matrix viewed as ``shape[0] x rest``: the passes of
+  :mod:`gradzip.compress.fused` (its C kernels where they are built) as the reducers use them, message
+  slots included; the collectives are
   left out (a world of one), so only local work is timed. ACP-SGD is timed on its P-step.
 * ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)`` alone, the call inside ``TopK.encode``, so the
   table shows what top-k costs beyond the selection itself.
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from gradzip.compress.base import Compressor
+from gradzip.compress.fused import compensate_project_left, compensate_project_right, residual_expand
 from gradzip.compress.identity import Half
-from gradzip.compress.lowrank import expand_into, left_factor_t, orthogonalize, right_factor_t
+from gradzip.compress.lowrank import orthogonalize
 from gradzip.compress.qsgd import QSGD
 from gradzip.compress.randomk import RandomK
 from gradzip.compress.sign import ScaledSign
@@ -198,21 +200,21 @@ def _acpsgd_pass(
         comp, raw = _split(idx, mats)
         sizes = [mats[i].rank * mats[i].rows for i in comp] + [grads[i].numel() for i in raw]
         parts = split_message(grads[0].new_empty(sum(sizes)), sizes)
-        bases = []
+        work = []
         for part, i in zip(parts, comp, strict=False):
             mat = mats[i]
-            m = ef.compensate(mat.key, grads[i]).view(mat.rows, mat.cols)
-            basis = orthogonalize(q[i])
-            p_t = right_factor_t(m, basis, part.view(mat.rank, mat.rows))
-            m.addmm_(p_t.T, basis.T, alpha=-1)
-            bases.append(basis)
+            e = ef.residual(mat.key, grads[i]).view(mat.rows, mat.cols)
+            basis_t = orthogonalize(q[i]).T.contiguous()
+            slot = compensate_project_right(e, grads[i].view(e.shape), basis_t, part.view(mat.rank, mat.rows))
+            work.append((e, basis_t, slot.clone()))
         for part, i in zip(parts[len(comp) :], raw, strict=True):
             part.copy_(grads[i].reshape(-1))
         # (the all-reduce of the message would run here)
-        for part, basis, i in zip(parts, bases, comp, strict=False):
+        for part, (e, basis_t, mine), i in zip(parts, work, comp, strict=False):
             mat = mats[i]
-            factor = p[i] = part.view(mat.rank, mat.rows).T.clone()
-            expand_into(outs[i].view(mat.rows, mat.cols), factor, basis)
+            slot = part.view(mat.rank, mat.rows)
+            p[i] = slot.T.clone()
+            residual_expand(e, mine.T, basis_t, outs[i].view(mat.rows, mat.cols), slot.T, basis_t)
         for part, i in zip(parts[len(comp) :], raw, strict=True):
             outs[i].copy_(part.view_as(outs[i]))
 
@@ -235,8 +237,10 @@ def _powersgd_pass(
         ms = []
         for part, i in zip(parts, comp, strict=False):
             mat = mats[i]
-            m = ef.compensate(mat.key, grads[i]).view(mat.rows, mat.cols)
-            right_factor_t(m, q[i], part.view(mat.rank, mat.rows))
+            m = ef.residual(mat.key, grads[i]).view(mat.rows, mat.cols)
+            compensate_project_right(
+                m, grads[i].view(m.shape), q[i].T.contiguous(), part.view(mat.rank, mat.rows)
+            )
             ms.append(m)
         for part, i in zip(parts[len(comp) :], raw, strict=True):
             part.copy_(grads[i].reshape(-1))
@@ -249,14 +253,14 @@ def _powersgd_pass(
         ]
         q_sizes = [mats[i].cols * mats[i].rank for i in comp]
         q_slots = [
-            left_factor_t(m, ph, part.view(mats[i].rank, mats[i].cols))
+            compensate_project_left(m, None, ph, part.view(mats[i].rank, mats[i].cols))
             for part, m, ph, i in zip(
                 split_message(grads[0].new_empty(sum(q_sizes)), q_sizes), ms, phats, comp, strict=True
             )
         ]
         # (round 2: the all-reduce of Q)
         for q_t, ph, m, i in zip(q_slots, phats, ms, comp, strict=True):
-            m.sub_(expand_into(outs[i].view(m.shape), ph, q_t.T))
+            residual_expand(m, ph, q_t, outs[i].view(m.shape))
             q[i] = q_t.T.clone()
 
     return run

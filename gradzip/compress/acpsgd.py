@@ -14,13 +14,8 @@ from __future__ import annotations
 import torch
 from torch.futures import Future
 
-from gradzip.compress.lowrank import (
-    LowRankReducer,
-    expand_into,
-    left_factor_t,
-    orthogonalize,
-    right_factor_t,
-)
+from gradzip.compress.fused import compensate_project_left, compensate_project_right, residual_expand
+from gradzip.compress.lowrank import LowRankReducer, orthogonalize
 from gradzip.reducer import Bucket
 
 
@@ -36,38 +31,41 @@ class ACPSGD(LowRankReducer):
         plan = self.lowrank_plan(bucket)
         p_step = self.p_step
         msg, slots, raw = plan.message(bucket, [rows if p_step else cols for rows, cols, _ in plan.shapes])
-        bases = []
+        # Per matrix: the residual e (which becomes M), the projection basis (transposed where it is the
+        # right-hand factor), and this worker's own factor before the all-reduce overwrites its slot.
+        work: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, slot, (rows, cols, r) in zip(plan.compressed, slots, plan.shapes, strict=True):
             key = bucket.keys[i]
-            m = self.compensated(bucket, i, rows, cols)
-            # The factor goes straight into its message slot; the new residual M - (local approximation)
-            # is formed in M's own buffer. Both before the all-reduce starts to work on the message.
+            e, g = self.matrices(bucket, i, rows, cols)
+            # M = G + e, formed in e's buffer, and its projection, straight into the message slot.
             if p_step:
-                q = self.factor(self.q, key, m)
-                basis = orthogonalize(q if q is not None else self.initial_factor(m, cols, r))
-                p_t = right_factor_t(m, basis, slot)
-                m.addmm_(p_t.T, basis.T, alpha=-1)
+                q = self.factor(self.q, key, e)
+                basis_t = orthogonalize(
+                    q if q is not None else self.initial_factor(e, cols, r)
+                ).T.contiguous()
+                compensate_project_right(e, g, basis_t, slot)  # P^T = Q^T M^T
+                work.append((e, basis_t, slot.clone()))
             else:
-                p = self.factor(self.p, key, m)
+                p = self.factor(self.p, key, e)
                 assert p is not None, f"Q-step for {key!r} without last step's P"
                 basis = orthogonalize(p)
-                q_t = left_factor_t(m, basis, slot)
-                m.addmm_(basis, q_t, alpha=-1)
-            bases.append(basis)
+                compensate_project_left(e, g, basis, slot)  # Q^T = P^T M
+                work.append((e, basis, slot.clone()))
         world, store = self.comm.world, (self.p if p_step else self.q)
 
         def finish(result: torch.Tensor) -> torch.Tensor:
             result.div_(world)
-            for slot, basis, i, (rows, cols, _) in zip(
-                slots, bases, plan.compressed, plan.shapes, strict=True
+            for slot, (e, basis, mine), i, (rows, cols, _) in zip(
+                slots, work, plan.compressed, plan.shapes, strict=True
             ):
-                factor = slot.T.clone()  # the aggregated P (rows x r) or Q (cols x r): next step's warm start
-                store[bucket.keys[i]] = factor
+                store[bucket.keys[i]] = slot.T.clone()  # the aggregated factor: next step's warm start
                 out = bucket.grads[i].view(rows, cols)
-                if p_step:
-                    expand_into(out, factor, basis)
-                else:
-                    expand_into(out, basis, factor)
+                # One pass: the residual e = M - (own factor's approximation), and the gradient from the
+                # aggregated factor.
+                if p_step:  # e -= P_own Q^^T;  G = P Q^^T
+                    residual_expand(e, mine.T, basis, out, slot.T, basis)
+                else:  # e -= P^ Q_own^T;  G = P^ Q^T
+                    residual_expand(e, basis, mine, out, basis, slot)
             plan.unpack_raw(bucket, raw)
             return bucket.buffer
 

@@ -24,24 +24,6 @@ def orthogonalize(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m, mode="reduced").Q
 
 
-def right_factor_t(m: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``P^T = (M Q)^T = Q^T M^T`` written into ``out`` (r x rows), a slot of the outgoing message.
-
-    Factors travel transposed: the all-reduce does not care, the product needs no copy into the message,
-    and with MKL on CPU this form of the skinny GEMM is about 3x faster than ``M @ Q``."""
-    return torch.mm(q.T, m.T, out=out)
-
-
-def left_factor_t(m: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``Q^T = (M^T P)^T = P^T M`` written into ``out`` (r x cols); about 10x faster than ``M.T @ P``."""
-    return torch.mm(p.T, m, out=out)
-
-
-def expand_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``out = left @ right^T`` written straight into ``out`` (a view of the bucket): no temporary."""
-    return torch.mm(left, right.T, out=out)
-
-
 @dataclass
 class LowRankPlan:
     compressed: list[int]
@@ -114,10 +96,12 @@ class LowRankReducer(Reducer):
         # Drawn in float32 on the CPU whatever ``like`` is, so every worker's stream is the same.
         return torch.randn(n, r, generator=self.generator).to(device=like.device, dtype=like.dtype)
 
-    def compensated(self, bucket: Bucket, i: int, rows: int, cols: int) -> torch.Tensor:
-        """``M = G + e`` as a (rows x cols) matrix, in the residual's buffer: the method must leave the new
-        residual ``M - approximation`` in it (in place) before the step ends."""
-        return self.ef.compensate(bucket.keys[i], bucket.grads[i]).view(rows, cols)
+    def matrices(self, bucket: Bucket, i: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual ``e`` and the gradient ``G`` of tensor ``i`` as (rows x cols) matrices. The method
+        forms ``M = G + e`` in the residual's buffer (a fused compensate-and-project), and must leave the new
+        residual ``M - approximation`` in it before the step ends."""
+        g = bucket.grads[i]
+        return self.ef.residual(bucket.keys[i], g).view(rows, cols), g.view(rows, cols)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -17,14 +17,8 @@ import torch
 from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
-from gradzip.compress.lowrank import (
-    LowRankPlan,
-    LowRankReducer,
-    expand_into,
-    left_factor_t,
-    orthogonalize,
-    right_factor_t,
-)
+from gradzip.compress.fused import compensate_project_left, compensate_project_right, residual_expand
+from gradzip.compress.lowrank import LowRankPlan, LowRankReducer, orthogonalize
 from gradzip.config import LowRankConfig
 from gradzip.reducer import Bucket, new_future, split_message
 
@@ -61,12 +55,12 @@ class PowerSGD(LowRankReducer):
         ms = []
         for i, slot, (rows, cols, r) in zip(plan.compressed, slots, plan.shapes, strict=True):
             key = bucket.keys[i]
-            m = self.compensated(bucket, i, rows, cols)
-            q = self.factor(self.q, key, m)
+            e, g = self.matrices(bucket, i, rows, cols)
+            q = self.factor(self.q, key, e)
             if q is None:
-                q = self.q[key] = self.initial_factor(m, cols, r)
-            right_factor_t(m, q, slot)
-            ms.append(m)
+                q = self.q[key] = self.initial_factor(e, cols, r)
+            compensate_project_right(e, g, q.T.contiguous(), slot)  # M = G + e in e's buffer; P^T = Q^T M^T
+            ms.append(e)
         out = new_future(bucket.buffer)
         self._pending.append(_Pending(bucket, plan, ms, self.comm.all_reduce(msg), slots, raw, out))
         if bucket.is_last:
@@ -87,15 +81,15 @@ class PowerSGD(LowRankReducer):
                 for part, m, ph, (_, cols, r) in zip(
                     split_message(msg, sizes), pd.ms, pd.phats, pd.plan.shapes, strict=False
                 ):
-                    pd.q_slots.append(left_factor_t(m, ph, part.view(r, cols)))
+                    pd.q_slots.append(compensate_project_left(m, None, ph, part.view(r, cols)))
                 pd.q_round = self.comm.all_reduce(msg)
         for pd in self._pending:
             if pd.q_round is not None:
                 self.wait(pd.q_round).div_(world)
                 bucket = pd.bucket
                 for q_t, ph, m, i in zip(pd.q_slots, pd.phats, pd.ms, pd.plan.compressed, strict=True):
-                    approx = expand_into(bucket.grads[i].view(m.shape), ph, q_t.T)
-                    m.sub_(approx)  # the residual M - P^ Q^T, in the residual's own buffer
+                    # G = P^ Q^T, and the residual M - P^ Q^T in the residual's own buffer, in one pass.
+                    residual_expand(m, ph, q_t, bucket.grads[i].view(m.shape))
                     self.q[bucket.keys[i]] = q_t.T.clone()  # warm start
             pd.out.set_result(pd.bucket.buffer)
         self._pending = []

@@ -23,14 +23,14 @@ def test_bench_tiny_grid_writes_results_and_cleans_up(tmp_path: Path) -> None:
     before = set(leftover_namespaces())
     out = tmp_path / "bench"
     cmd = [
-        sys.executable, "-m", "gradzip", "bench", "--methods", "floor,ssgd,acpsgd,torch-powersgd",
+        sys.executable, "-m", "gradzip", "bench", "--methods", "floor,ssgd,acpsgd,torch-powersgd,powergossip",
         "--models", "mlp", "--workers", "2", "--bandwidth", "100mbit,unlimited", "--warmup", "3",
         "--iters", "2", "--out", str(out), "--quiet",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 8
+    assert len(results) == 10
     assert not [r["error"] for r in results if "error" in r]
     by = {(r["spec"]["bandwidth"], r["spec"]["method"]): r for r in results}
     for bandwidth in ("100mbit", "unlimited"):
@@ -44,6 +44,15 @@ def test_bench_tiny_grid_writes_results_and_cleans_up(tmp_path: Path) -> None:
         for part in ("forward_backward_s", "compress_s", "wait_s", "optimizer_s"):
             assert acp[part] is not None and acp[part] >= 0
         assert "one DDP bucket" in by[(bandwidth, "torch-powersgd")]["note"]
+        # a gossip method: neighbour messages only (a ring of 2: one neighbour), counted by its exchange
+        gossip = by[(bandwidth, "powergossip")]
+        assert (
+            0
+            < gossip["bytes_sent_per_step"]
+            == gossip["bytes_received_per_step"]
+            < ssgd["bytes_sent_per_step"]
+        )
+        assert gossip["compress_s"] is not None and gossip["wait_s"] is not None
     table = (out / "results.md").read_text()
     assert table.count("\n") == 2 + len(results) and "| acpsgd (rank=4) |" in table
     assert (out / "time_vs_bandwidth.png").stat().st_size > 1000

@@ -170,7 +170,8 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
     from gradzip.bench import accuracy, cluster
     from gradzip.registry import methods
 
-    chosen = [m for m in args.methods if m in methods("hook")]  # the floor and torch's hook do not train here
+    # The floor and torch's hook do not train; the server placements need hosts beyond the workers.
+    chosen = [m for m in args.methods if m in methods("hook") + methods("gossip")]
     try:
         if not chosen:
             raise ValueError(f"no registry method in --methods {','.join(args.methods)}")

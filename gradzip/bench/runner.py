@@ -32,7 +32,7 @@ DEFAULT_METHODS = ["floor", "ssgd", "signsgd", "topk", "powersgd", "torch-powers
 
 
 def valid_methods() -> list[str]:
-    return [*RIVALS, *registry_methods("hook")]
+    return [*RIVALS, *registry_methods("hook"), *registry_methods("gossip")]
 
 
 @dataclass

@@ -2,8 +2,8 @@
 network is emulated): ``python -m gradzip.bench.worker SPEC_JSON OUT_PATH``, rank and rendezvous from the
 environment as torchrun sets them.
 
-Each iteration is timed in parts: forward, backward (which runs the hooks and waits for communication), the
-optimizer. The gradzip hooks also report how long they computed and how long they were blocked on
+Each iteration is timed in parts: forward+backward (which runs the hooks and waits for communication), the
+optimizer, and for the decentralized methods the gossip after it. The gradzip hooks also report how long they computed and how long they were blocked on
 collectives, which splits backward into compute, compression and communication wait.
 """
 
@@ -107,45 +107,88 @@ def run(spec: BenchSpec) -> dict[str, Any] | None:
         dist.destroy_process_group()
 
 
+class _Gossiping:
+    """A decentralized method in the benchmark's loop: no DDP; the gossip runs after the optimizer step."""
+
+    def __init__(self, model: nn.Module, spec: BenchSpec) -> None:
+        from gradzip.gossip.config import build_gossip
+        from gradzip.registry import make_config
+
+        # The consensus metric is a collective outside the method: off, as in a production run.
+        cfg = make_config(spec.method, **{**spec.options, "metrics": False})
+        self.gossip = build_gossip(spec.method, model, cfg, timeout=timedelta(seconds=spec.timeout))
+        self.seconds = 0.0
+
+    def counters(self) -> tuple[float, float, int, int]:
+        """Seconds in the gossip so far, seconds of it blocked on neighbours, bytes sent and received."""
+        return (
+            self.seconds,
+            self.gossip.comm.wait_s,
+            self.gossip.stats.bytes_sent,
+            self.gossip.stats.bytes_received,
+        )
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.gossip.step()
+        self.seconds += time.perf_counter() - start
+
+
 def _measure(spec: BenchSpec, rank: int, world: int) -> dict[str, Any] | None:
+    from gradzip.registry import get_spec
     from gradzip.train.models import build_model
 
     x, y, input_shape = synthetic_batch(spec)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, input_shape, 10)
-    # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
-    cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
-    ddp = DDP(model, bucket_cap_mb=cap)
-    state = attach(ddp, spec)
+    gossiping = spec.method not in RIVALS and get_spec(spec.method).kind == "gossip"
+    module: nn.Module = model
+    state, gossip = None, None
+    if gossiping:
+        gossip = _Gossiping(model, spec)
+    else:
+        # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
+        cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
+        module = DDP(model, bucket_cap_mb=cap)
+        state = attach(module, spec)
+
+    def counters() -> tuple[float, float, int, int] | None:
+        """Time in gradzip's communication code, time of it blocked, bytes sent and received, so far."""
+        if gossip is not None:
+            return gossip.counters()
+        if state is None:
+            return None
+        return state.hook_s, state.reducer.wait_s, state.stats.bytes_sent, state.stats.bytes_received
+
     # A small learning rate: the benchmark measures time, and should not diverge on random data.
-    opt = torch.optim.SGD(ddp.parameters(), lr=1e-4, momentum=0.9)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
     rows = []
     for it in range(spec.warmup + spec.iters):
-        hook0 = (
-            (state.hook_s, state.reducer.wait_s, state.stats.bytes_sent, state.stats.bytes_received)
-            if state
-            else None
-        )
+        before = counters()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
-        loss = nn.functional.cross_entropy(ddp(x), y)
-        t1 = time.perf_counter()
+        loss = nn.functional.cross_entropy(module(x), y)
         loss.backward()
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
+        if gossip is not None:
+            gossip.step()  # adapt, then combine with the neighbours (D-PSGD's order)
+        t4 = time.perf_counter()
         if it < spec.warmup:
             continue
-        row = {"iteration": t3 - t0, "forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
-        if state is not None and hook0 is not None:
-            hook_s = state.hook_s - hook0[0]
-            wait_s = state.reducer.wait_s - hook0[1]
+        row = {"iteration": t4 - t0, "compute": t2 - t0, "optimizer": t3 - t2}
+        after = counters()
+        if before is not None and after is not None:
+            spent, blocked = after[0] - before[0], after[1] - before[1]
             row.update(
-                compress=hook_s - wait_s,
-                wait=wait_s,
-                bytes_sent=state.stats.bytes_sent - hook0[2],
-                bytes_received=state.stats.bytes_received - hook0[3],
+                compress=spent - blocked,
+                wait=blocked,
+                bytes_sent=after[2] - before[2],
+                bytes_received=after[3] - before[3],
             )
+            if gossip is None:  # a hook runs inside backward: forward+backward without the hook's work
+                row["compute"] -= spent
         rows.append(row)
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, rows)
@@ -164,13 +207,8 @@ def summarize(spec: BenchSpec, per_rank: list[list[dict[str, float]]]) -> dict[s
             return None
         return statistics.mean(statistics.median(row[name] for row in r) for r in per_rank)
 
-    # Forward+backward without the hook's own work, per iteration first: a difference of medians could go
-    # negative, the median of differences cannot.
-    for r in per_rank:
-        for row in r:
-            row["compute"] = (
-                row["forward"] + row["backward"] - row.get("compress", 0.0) - row.get("wait", 0.0)
-            )
+    # "compute" (forward+backward without a hook's own work) is formed per iteration: a difference of
+    # medians could go negative, the median of differences cannot.
     parts = {name: part(name) for name in ("compute", "optimizer", "compress", "wait")}
     compress, wait = parts["compress"], parts["wait"]
     out: dict[str, Any] = {

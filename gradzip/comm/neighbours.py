@@ -8,6 +8,7 @@ matched out of order. Knows nothing about what the payload means.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
@@ -37,6 +38,7 @@ class NeighbourExchange:
         self.timeout = timeout
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        self.wait_s = 0.0  # seconds blocked on neighbours' messages (the benchmark's communication wait)
 
     def _global(self, peer: int) -> int:
         # P2POp takes global ranks; topology nodes are ranks within the group.
@@ -65,11 +67,13 @@ class NeighbourExchange:
             ops.append(dist.P2POp(dist.isend, sends[peer], self._global(peer), self.group))
             ops.append(dist.P2POp(dist.irecv, recvs[peer], self._global(peer), self.group))
         works = dist.batch_isend_irecv(ops)
+        start = time.perf_counter()
         for work in works:
             if self.timeout is None:
                 work.wait()
             else:
                 work.wait(self.timeout)
+        self.wait_s += time.perf_counter() - start
         received = {}
         for peer in peers:
             self.stats.collectives += 1

@@ -23,14 +23,15 @@ def test_bench_tiny_grid_writes_results_and_cleans_up(tmp_path: Path) -> None:
     before = set(leftover_namespaces())
     out = tmp_path / "bench"
     cmd = [
-        sys.executable, "-m", "gradzip", "bench", "--methods", "floor,ssgd,acpsgd,torch-powersgd,powergossip",
+        sys.executable, "-m", "gradzip", "bench", "--methods",
+        "floor,ssgd,acpsgd,torch-powersgd,powergossip,doublesqueeze:placement=server,doublesqueeze-async",
         "--models", "mlp", "--workers", "2", "--bandwidth", "100mbit,unlimited", "--warmup", "3",
         "--iters", "2", "--out", str(out), "--quiet",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == 10
+    assert len(results) == 14
     assert not [r["error"] for r in results if "error" in r]
     by = {(r["spec"]["bandwidth"], r["spec"]["method"]): r for r in results}
     for bandwidth in ("100mbit", "unlimited"):
@@ -53,6 +54,11 @@ def test_bench_tiny_grid_writes_results_and_cleans_up(tmp_path: Path) -> None:
             < ssgd["bytes_sent_per_step"]
         )
         assert gossip["compress_s"] is not None and gossip["wait_s"] is not None
+        # dedicated servers (a third host): each worker pushes a compressed part and receives one back
+        for m in ("doublesqueeze", "doublesqueeze-async"):
+            ps = by[(bandwidth, m)]
+            assert 0 < ps["bytes_sent_per_step"] < ssgd["bytes_sent_per_step"] / 5, m
+            assert ps["wait_s"] is not None and ps["wait_s"] > 0, m
     table = (out / "results.md").read_text()
     assert table.count("\n") == 2 + len(results) and "| acpsgd (rank=4) |" in table
     assert (out / "time_vs_bandwidth.png").stat().st_size > 1000
@@ -69,6 +75,30 @@ def test_grid_refuses_bad_input() -> None:
         Grid(workers=[1])
     with pytest.raises(ValueError, match="warmup=1"):
         Grid(warmup=1)
+    with pytest.raises(ValueError, match="placement='moon' is invalid"):
+        Grid(methods=["doublesqueeze:placement=moon"])
+    with pytest.raises(ValueError, match="write NAME:KEY=VALUE"):
+        Grid(methods=["choco:topk"])
+    with pytest.raises(ValueError, match="floor takes no options but rank"):
+        Grid(methods=["floor:density=2"])
+
+
+def test_methods_take_options_and_server_placements_get_hosts_of_their_own() -> None:
+    specs = Grid(
+        methods=[
+            "doublesqueeze:placement=server:servers=2:compressor=topk",
+            "doublesqueeze-async",
+            "acpsgd:rank=2",
+        ],
+        ranks=[4, 8],
+        bandwidths=["1gbit"],
+    ).specs()
+    by = {(s.method, tuple(sorted(s.options.items()))): s for s in specs}
+    sync = by[("doublesqueeze", (("compressor", "topk"), ("placement", "server"), ("servers", 2)))]
+    assert (sync.servers(), sync.processes()) == (2, 6)
+    assert by[("doublesqueeze-async", ())].processes() == 5  # one server by default
+    assert [s.options for s in specs if s.method == "acpsgd"] == [{"rank": 2}]  # given rank: no sweep
+    assert by[("acpsgd", (("rank", 2),))].processes() == 4
 
 
 def test_grid_measures_references_first_and_ranks_only_low_rank_methods() -> None:

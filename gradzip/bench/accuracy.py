@@ -1,5 +1,5 @@
 """Time to accuracy: training time until each method first reaches a target test accuracy on the default
-task, with every worker on the emulated cluster.
+task (or the default dataset with another model), with every worker on the emulated cluster.
 
 Each run is ``gradzip train`` itself, started as torchrun would start it (one process per host namespace),
 so what is measured is exactly what a user runs.
@@ -28,6 +28,7 @@ def run_time_to_accuracy(
     timeout: float = 600.0,
     progress: bool = True,
     latency: str = "0ms",
+    model: str | None = None,
 ) -> list[dict[str, Any]]:
     from gradzip.bench.cluster import EmulatedCluster
     from gradzip.bench.runner import progress_bar, run_in_cluster, save_json
@@ -55,6 +56,8 @@ def run_time_to_accuracy(
                             "--target-accuracy", str(target), "--json", str(out), "--quiet",
                             "--backend", "gloo",  # NCCL would bypass the emulated links (shared memory)
                         ]  # fmt: skip
+                        if model is not None:
+                            argv += ["--model", model]
                         error = run_in_cluster(cluster, workers, argv, timeout, Path(tmp))
                         row: dict[str, Any] = {"method": method, "workers": workers, "bandwidth": bandwidth}
                         if error is None and out.exists():

@@ -40,9 +40,16 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "--methods",
         type=_list(str),
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated methods (registry names, floor, torch-powersgd)",
+        help="comma-separated methods: registry names, floor, torch-powersgd, each with options as "
+        "NAME:KEY=VALUE[:KEY=VALUE], e.g. doublesqueeze:placement=server:servers=2 or powergossip:topology=torus",
     )
-    bench.add_argument("--models", type=_list(str), default=",".join(g.models), help="comma-separated models")
+    bench.add_argument(
+        "--models",
+        type=_list(str),
+        default=None,
+        help=f"comma-separated models (default {','.join(g.models)}; with --time-to-accuracy, the first one "
+        "replaces the default task's model)",
+    )
     bench.add_argument(
         "--workers", type=_list(int), default=_join(g.workers), help="comma-separated worker counts"
     )
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     try:
         _check_network(args)
         grid = Grid(
-            models=args.models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
+            models=args.models or Grid().models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
             batch_sizes=args.batch_size, ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb,
             latency=args.latency, warmup=args.warmup, iters=args.iters, image_size=args.image_size,
             seq_len=args.seq_len, timeout=args.timeout,
@@ -185,7 +192,7 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
     results = accuracy.run_time_to_accuracy(
         chosen, args.workers[0], args.bandwidth, args.out, target=args.target_accuracy,
         eval_every=args.eval_every, steps=args.steps, timeout=args.timeout, progress=not args.quiet,
-        latency=args.latency,
+        latency=args.latency, model=args.models[0] if args.models else None,
     )  # fmt: skip
     _write_outputs(args.out, "time_to_accuracy", accuracy.markdown(results), accuracy.plot(results, args.out))
     return 1 if all("error" in r for r in results) else 0

@@ -32,7 +32,41 @@ DEFAULT_METHODS = ["floor", "ssgd", "signsgd", "topk", "powersgd", "torch-powers
 
 
 def valid_methods() -> list[str]:
-    return [*RIVALS, *registry_methods("hook"), *registry_methods("gossip")]
+    return [*RIVALS, *registry_methods()]
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:KEY=VALUE...]`` -> (name, options), e.g. ``doublesqueeze:placement=server:compressor=topk``;
+    the options are checked against the method's config (a bad one raises ValueError naming it)."""
+    name, *pairs = text.split(":")
+    valid = valid_methods()
+    if name not in valid:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(valid)}")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method option {pair!r} in {text!r} is invalid: write NAME:KEY=VALUE")
+        options[key.replace("-", "_")] = _option_value(value)
+    if name in RIVALS:
+        if set(options) - {"rank"}:
+            raise ValueError(f"{name} takes no options but rank; got {', '.join(options)}")
+    else:
+        from gradzip.registry import make_config
+
+        make_config(name, **options)
+    return name, options
+
+
+def _option_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass
@@ -54,10 +88,8 @@ class Grid:
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        valid = valid_methods()
         for m in self.methods:
-            if m not in valid:
-                raise ValueError(f"unknown method {m!r}; valid methods: {', '.join(valid)}")
+            parse_method(m)
         from gradzip.train.models import MODELS
 
         for model in self.models:
@@ -82,9 +114,11 @@ class Grid:
             self.models, self.workers, self.bandwidths, self.batch_sizes, self.bucket_caps_mb
         )
         for model, workers, bandwidth, batch, cap in axes:
-            for method in sorted(self.methods, key=lambda m: (m not in ("floor", "ssgd"), m != "floor")):
-                for rank in self.ranks if method in LOW_RANK else [None]:
-                    options = {"rank": rank} if rank is not None else {}
+            for text in sorted(self.methods, key=lambda m: (m not in ("floor", "ssgd"), m != "floor")):
+                method, given = parse_method(text)
+                ranks = self.ranks if method in LOW_RANK and "rank" not in given else [None]
+                for rank in ranks:
+                    options = {**given, "rank": rank} if rank is not None else given
                     out.append(
                         BenchSpec(
                             model=model,
@@ -196,7 +230,7 @@ def run_spec(spec: BenchSpec, cluster: Any, log_dir: Path) -> dict[str, Any]:
     """One configuration in fresh processes, one per host of ``cluster``; a failure is recorded, not raised."""
     out = log_dir / f"result-{time.monotonic_ns()}.json"
     argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
-    error = run_in_cluster(cluster, spec.workers, argv, spec.timeout + 60, log_dir)
+    error = run_in_cluster(cluster, spec.processes(), argv, spec.timeout + 60, log_dir)
     if error is None and out.exists():
         result: dict[str, Any] = json.loads(out.read_text())
         return result
@@ -222,8 +256,9 @@ def run_grid(
         groups.setdefault((s.workers, s.bandwidth, s.latency), []).append(s)
     with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp:
         try:
-            for (workers, bandwidth, latency), group in groups.items():
-                with EmulatedCluster(workers, bandwidth, latency) as cluster:
+            for (_, bandwidth, latency), group in groups.items():
+                # One host per process: dedicated parameter servers get hosts (and links) of their own.
+                with EmulatedCluster(max(s.processes() for s in group), bandwidth, latency) as cluster:
                     for spec in group:
                         if bar is not None:
                             bar.set_description(spec.label())

@@ -27,6 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # beat it), and torch-powersgd is torch's own powerSGD_hook at the same rank.
 RIVALS = ("floor", "torch-powersgd")
 
+# A small learning rate: the benchmark measures time, and should not diverge on random data.
+LR, MOMENTUM = 1e-4, 0.9
+
 
 @dataclass
 class BenchSpec:
@@ -46,6 +49,18 @@ class BenchSpec:
     seq_len: int = 32
     seed: int = 0
     timeout: float = 300.0
+
+    def servers(self) -> int:
+        """Dedicated parameter-server processes beside the workers (DoubleSqueeze's server placements)."""
+        if self.method in RIVALS:
+            return 0
+        from gradzip.registry import make_config
+        from gradzip.train.paramserver import server_count
+
+        return server_count(self.method, make_config(self.method, **self.options).to_dict())
+
+    def processes(self) -> int:
+        return self.workers + self.servers()
 
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
@@ -98,11 +113,20 @@ def attach(model: DDP, spec: BenchSpec) -> Any:
 
 def run(spec: BenchSpec) -> dict[str, Any] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # Every worker shares this machine's cores: one thread each avoids oversubscription.
+    # Every process shares this machine's cores: one thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.timeout))
     try:
-        return _measure(spec, rank, world)
+        if not spec.servers():
+            return _measure(spec, rank, world, None)
+        # The last ranks serve until every worker has closed; the workers' results travel on their own group.
+        group = dist.new_group(list(range(spec.workers)))
+        if rank >= spec.workers:
+            from gradzip.comm.paramserver import serve
+
+            serve()
+            return None
+        return _measure(spec, rank, spec.workers, group)
     finally:
         dist.destroy_process_group()
 
@@ -134,18 +158,48 @@ class _Gossiping:
         self.seconds += time.perf_counter() - start
 
 
-def _measure(spec: BenchSpec, rank: int, world: int) -> dict[str, Any] | None:
+class _Serving:
+    """DoubleSqueeze through dedicated servers: no DDP; the push and the reply follow backward. The
+    asynchronous variant's servers run the optimizer, so its workers have none."""
+
+    def __init__(self, model: nn.Module, spec: BenchSpec) -> None:
+        from gradzip.comm.paramserver import PSWorker
+        from gradzip.registry import get_spec
+
+        self.asynchronous = get_spec(spec.method).kind == "server"
+        options = {k: v for k, v in spec.options.items() if k not in ("servers", "placement")}
+        extra: dict[str, Any] = {"lr": LR, "momentum": MOMENTUM} if self.asynchronous else {}
+        self.ps = PSWorker(
+            model, spec.method, servers=spec.servers(), timeout=spec.timeout, **extra, **options
+        )
+        self.seconds = 0.0
+
+    def counters(self) -> tuple[float, float, int, int]:
+        """Seconds in the exchange so far, seconds of it blocked on servers, bytes sent and received."""
+        return self.seconds, self.ps.wait_s, self.ps.stats.bytes_sent, self.ps.stats.bytes_received
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.ps.step()
+        self.seconds += time.perf_counter() - start
+
+
+def _measure(
+    spec: BenchSpec, rank: int, world: int, group: dist.ProcessGroup | None
+) -> dict[str, Any] | None:
     from gradzip.registry import get_spec
     from gradzip.train.models import build_model
 
     x, y, input_shape = synthetic_batch(spec)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, input_shape, 10)
-    gossiping = spec.method not in RIVALS and get_spec(spec.method).kind == "gossip"
+    kind = "hook" if spec.method in RIVALS else get_spec(spec.method).kind
     module: nn.Module = model
-    state, gossip = None, None
-    if gossiping:
+    state, gossip, serving = None, None, None
+    if kind == "gossip":
         gossip = _Gossiping(model, spec)
+    elif spec.servers():
+        serving = _Serving(model, spec)
     else:
         # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
         cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
@@ -156,12 +210,13 @@ def _measure(spec: BenchSpec, rank: int, world: int) -> dict[str, Any] | None:
         """Time in gradzip's communication code, time of it blocked, bytes sent and received, so far."""
         if gossip is not None:
             return gossip.counters()
+        if serving is not None:
+            return serving.counters()
         if state is None:
             return None
         return state.hook_s, state.reducer.wait_s, state.stats.bytes_sent, state.stats.bytes_received
 
-    # A small learning rate: the benchmark measures time, and should not diverge on random data.
-    opt = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
+    opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
     rows = []
     for it in range(spec.warmup + spec.iters):
         before = counters()
@@ -170,14 +225,18 @@ def _measure(spec: BenchSpec, rank: int, world: int) -> dict[str, Any] | None:
         loss = nn.functional.cross_entropy(module(x), y)
         loss.backward()
         t2 = time.perf_counter()
-        opt.step()
+        if serving is not None:
+            serving.step()  # replaces the gradients (synchronous) or the parameters (asynchronous)
+        t_exchanged = time.perf_counter()
+        if serving is None or not serving.asynchronous:
+            opt.step()
         t3 = time.perf_counter()
         if gossip is not None:
             gossip.step()  # adapt, then combine with the neighbours (D-PSGD's order)
         t4 = time.perf_counter()
         if it < spec.warmup:
             continue
-        row = {"iteration": t4 - t0, "compute": t2 - t0, "optimizer": t3 - t2}
+        row = {"iteration": t4 - t0, "compute": t2 - t0, "optimizer": t3 - t_exchanged}
         after = counters()
         if before is not None and after is not None:
             spent, blocked = after[0] - before[0], after[1] - before[1]
@@ -187,11 +246,13 @@ def _measure(spec: BenchSpec, rank: int, world: int) -> dict[str, Any] | None:
                 bytes_sent=after[2] - before[2],
                 bytes_received=after[3] - before[3],
             )
-            if gossip is None:  # a hook runs inside backward: forward+backward without the hook's work
+            if state is not None:  # a hook runs inside backward: forward+backward without the hook's work
                 row["compute"] -= spent
         rows.append(row)
+    if serving is not None:
+        serving.ps.close()  # the servers return once every worker has closed
     everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, rows)
+    dist.all_gather_object(everyone, rows, group=group)
     if rank != 0:
         return None
     return summarize(spec, everyone)

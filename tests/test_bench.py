@@ -190,3 +190,33 @@ def test_run_in_cluster_names_the_failed_rank_reports_timeouts_and_forces_loopba
         assert dead == "rank 1 failed: boom on 1"
         slow = run_in_cluster(cluster, 2, script("time.sleep(60)"), 1, tmp_path)
         assert slow is not None and slow.startswith("timed out after 1 s")
+
+
+def test_bench_under_torchrun_measures_on_torchruns_processes(tmp_path: Path) -> None:
+    """A real cluster: torchrun's world and network, no emulation, each configuration in fresh processes."""
+    out = tmp_path / "bench"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK")
+    }
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: loopback only
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        "-m", "gradzip", "bench", "--methods", "floor,ssgd,acpsgd,doublesqueeze-async", "--models", "mlp",
+        "--iters", "2", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no emulation" in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    by = {r["spec"]["method"]: r for r in results}
+    assert set(by) == {"floor", "ssgd", "acpsgd", "doublesqueeze-async"}
+    for m in ("floor", "ssgd", "acpsgd"):
+        assert by[m]["spec"]["workers"] == 2 and by[m]["spec"]["bandwidth"] == "cluster"
+        assert len(by[m]["iteration_s"]) == 2
+    assert 0 < by["acpsgd"]["bytes_sent_per_step"] < by["ssgd"]["bytes_sent_per_step"]
+    assert by["acpsgd"]["speedup_vs_ssgd"] == by["ssgd"]["median_s"] / by["acpsgd"]["median_s"]
+    # a server placement needs more processes than torchrun started: said, not hung
+    assert by["doublesqueeze-async"]["error"] == "needs 3 processes (1 of them servers); torchrun started 2"
+    assert (out / "results.md").read_text().count("| cluster |") == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,10 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         return 0
     if args.time_to_accuracy:
         return _time_to_accuracy(args, usage_error)
+    from gradzip.train.launch import under_torchrun
+
+    if under_torchrun():
+        return _run_under_torchrun(args, usage_error)
     try:
         _check_network(args)
         grid = Grid(
@@ -169,6 +174,35 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
 
     print(f"gradzip bench: {len(grid.specs())} configurations -> {args.out}", file=sys.stderr)
     results = run_grid(grid, args.out, progress=not args.quiet)
+    _write_outputs(args.out, "results", report.markdown(results), report.plots(results, args.out))
+    return 1 if all("error" in r for r in results) else 0
+
+
+def _run_under_torchrun(args: argparse.Namespace, usage_error: type[Exception]) -> int:
+    """On a real cluster: torchrun's processes and network, no emulation (--bandwidth and --workers are
+    what torchrun and the network are)."""
+    from gradzip.bench import report
+    from gradzip.bench.runner import REAL_NETWORK, run_grid_under_torchrun
+
+    world = int(os.environ["WORLD_SIZE"])
+    try:
+        grid = Grid(
+            models=args.models or Grid().models, methods=args.methods, workers=[world],
+            bandwidths=[REAL_NETWORK], batch_sizes=args.batch_size, ranks=args.rank,
+            bucket_caps_mb=args.bucket_cap_mb, warmup=args.warmup, iters=args.iters,
+            image_size=args.image_size, seq_len=args.seq_len, timeout=args.timeout,
+        )  # fmt: skip
+    except ValueError as err:
+        raise usage_error(str(err)) from None
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"gradzip bench: {len(grid.specs())} configurations on torchrun's {world} processes, no emulation "
+            f"(--bandwidth and --workers do not apply) -> {args.out}",
+            file=sys.stderr,
+        )
+    results = run_grid_under_torchrun(grid, args.out, progress=not args.quiet)
+    if results is None:  # not rank 0
+        return 0
     _write_outputs(args.out, "results", report.markdown(results), report.plots(results, args.out))
     return 1 if all("error" in r for r in results) else 0
 

@@ -30,15 +30,23 @@ def method_label(spec: dict[str, Any]) -> str:
 
 
 def markdown(results: Sequence[dict[str, Any]]) -> str:
-    """One row per configuration; times in ms (median, and p10-p90 spread over the measured iterations)."""
+    """One row per configuration; times in ms (median, and p10-p90 spread over the measured iterations). The
+    DDP bucket size gets a column when it varies (a tensor-fusion sweep)."""
+    buckets = len({r["spec"]["bucket_cap_mb"] for r in results}) > 1
     head = (
-        "| model | workers | bandwidth | batch | method | iteration ms (p10-p90) | vs floor | speed-up vs ssgd "
+        "| model | workers | bandwidth | batch |"
+        + (" bucket MB |" if buckets else "")
+        + " method | iteration ms (p10-p90) | vs floor | speed-up vs ssgd "
         "| fwd+bwd | compress | comm wait | optimizer | sent/step | received/step | samples/s |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * (15 + buckets)]
     for r in results:
         s = r["spec"]
-        where = f"| {s['model']} | {s['workers']} | {s['bandwidth']} | {s['batch_size']} | {method_label(s)} "
+        where = (
+            f"| {s['model']} | {s['workers']} | {s['bandwidth']} | {s['batch_size']} "
+            + (f"| {s['bucket_cap_mb']:g} " if buckets else "")
+            + f"| {method_label(s)} "
+        )
         if "error" in r:
             lines.append(where + f"| failed: {r['error']} |" + " |" * 9)
             continue

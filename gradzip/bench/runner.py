@@ -273,6 +273,78 @@ def run_grid(
     return results
 
 
+REAL_NETWORK = "cluster"
+"""The bandwidth label of configurations measured on torchrun's real network (no emulation)."""
+
+
+def run_grid_under_torchrun(grid: Grid, out_dir: Path, progress: bool = True) -> list[dict[str, Any]] | None:
+    """``gradzip bench`` started by torchrun on a real cluster: no emulation, the world is torchrun's.
+
+    Each configuration still runs in fresh processes: every torchrun process starts one worker on its own
+    host, with torchrun's rank and world and a port that rank 0 picks for the configuration. The torchrun
+    processes only coordinate (a gloo group of their own). Returns the results on rank 0, None elsewhere."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    specs = grid.specs()
+    # Long enough for the slowest configuration between two coordination messages.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=max(s.timeout for s in specs) + 600))
+    results: list[dict[str, Any]] = []
+    bar = progress_bar(len(specs), progress and rank == 0)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp:
+            for i, spec in enumerate(specs):
+                if bar is not None:
+                    bar.set_description(spec.label())
+                row = _run_spec_with_torchrun(spec, rank, world, Path(tmp) / f"result-{i}.json")
+                if rank == 0:
+                    results.append(row)
+                    add_references(results)
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    save_json(results, out_dir / "results.json")
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+        dist.destroy_process_group()
+    return results if rank == 0 else None
+
+
+def _run_spec_with_torchrun(spec: BenchSpec, rank: int, world: int, out: Path) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    if spec.processes() != world:
+        return {
+            "spec": dataclasses.asdict(spec),
+            "error": f"needs {spec.processes()} processes ({spec.servers()} of them servers); torchrun "
+            f"started {world}",
+        }
+    box: list[Any] = [_free_loopback_port() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    # A rendezvous of the configuration's own, on a fresh port: not the torchrun agent's store, which the
+    # worker would otherwise join as a client (TORCHELASTIC_USE_AGENT_STORE) and wait on forever.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env["MASTER_PORT"] = str(box[0])
+    argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=spec.timeout + 60)
+        lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+        status = (done.returncode, lines[-1] if lines else "no output")
+    except subprocess.TimeoutExpired:
+        status = (-1, f"timed out after {spec.timeout + 60:.0f} s")
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, status)
+    failed = next((r for r, (code, _) in enumerate(everyone) if code != 0), None)
+    if failed is None and out.exists():
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+    reason = f"rank {failed} failed: {everyone[failed][1]}" if failed is not None else "no result written"
+    return {"spec": dataclasses.asdict(spec), "error": reason}
+
+
 def progress_bar(total: int, enabled: bool, unit: str = "config") -> Any:
     """A tqdm bar, or None when disabled."""
     if not enabled:

@@ -113,8 +113,10 @@ def attach(model: DDP, spec: BenchSpec) -> Any:
 
 def run(spec: BenchSpec) -> dict[str, Any] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # Every process shares this machine's cores: one thread each avoids oversubscription.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # The processes on this host share its cores: one share each avoids oversubscription (on the emulated
+    # cluster every process is on this machine; under torchrun, LOCAL_WORLD_SIZE of them are).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.timeout))
     try:
         if not spec.servers():

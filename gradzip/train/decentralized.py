@@ -29,9 +29,8 @@ from gradzip.train.loop import (
     evaluate,
     params_agreement,
     reduce_metrics,
-    steps_per_epoch,
+    setup_run,
     summary,
-    total_steps,
 )
 from gradzip.train.models import build_model
 
@@ -49,15 +48,8 @@ def averaged_model(model: nn.Module, world: int) -> nn.Module:
 
 def train_decentralized(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
-    n_train = len(data.y_train)
-    n_steps = total_steps(cfg, n_train, world)
-    per_epoch = steps_per_epoch(n_train, world, cfg.batch_size)
-    batch = min(cfg.batch_size, n_train // world)
-
     # Every worker starts from the same model, as D-PSGD assumes; from then on the models differ.
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    data, n_steps, per_epoch, batch, model = setup_run(cfg, device, world, load_dataset, build_model)
     options = make_config(cfg.method, **cfg.options)
     gossip = build_gossip(cfg.method, model, options, timeout=timedelta(seconds=cfg.timeout))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)

@@ -417,6 +417,23 @@ def summary(
     }
 
 
+def setup_run(
+    cfg: TrainConfig, device: torch.device, world: int, load_dataset: Any, build_model: Any
+) -> tuple[Any, int, int, int, nn.Module]:
+    """What every kind of run starts from: the dataset, the step count, steps per epoch, the per-worker batch,
+    and the model, seeded the same everywhere so that every worker starts from the same parameters (DDP
+    also broadcasts rank 0's at construction, but seeding keeps that a no-op and the run reproducible;
+    D-PSGD assumes it)."""
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    n_train = len(data.y_train)
+    n_steps = total_steps(cfg, n_train, world)
+    per_epoch = steps_per_epoch(n_train, world, cfg.batch_size)
+    batch = min(cfg.batch_size, n_train // world)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    return data, n_steps, per_epoch, batch, model
+
+
 def _train(
     cfg: TrainConfig,
     device: torch.device,
@@ -428,16 +445,7 @@ def _train(
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, Any] | None:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    data = load_dataset(cfg.dataset, seed=cfg.seed)
-    n_train = len(data.y_train)
-    n_steps = total_steps(cfg, n_train, world)
-    per_epoch = steps_per_epoch(n_train, world, cfg.batch_size)
-    batch = min(cfg.batch_size, n_train // world)
-
-    # Same seed everywhere so that every worker starts from the same model (DDP also broadcasts rank 0's
-    # parameters at construction, but seeding keeps that a no-op and the run reproducible).
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    data, n_steps, per_epoch, batch, model = setup_run(cfg, device, world, load_dataset, build_model)
     if make_exchange is None:
         ex = _ddp_exchange(cfg, model, device, ddp_hook)
     else:

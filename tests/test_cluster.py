@@ -347,9 +347,17 @@ def test_setup_and_teardown_times_are_recorded() -> None:
     assert c.teardown_s > 0 and not set(c.namespaces) & set(leftover_namespaces(PREFIX))
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across exec:
+    # under `make test &` the child would never see Ctrl-C. Give it what a process in a terminal has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _child(body: str, prefix: str) -> subprocess.Popen[str]:
     script = CHILD_PRELUDE + body
-    return subprocess.Popen([sys.executable, "-c", script, prefix], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, prefix], stdout=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
 
 
 WAIT_INSIDE = """

@@ -220,3 +220,36 @@ def test_bench_under_torchrun_measures_on_torchruns_processes(tmp_path: Path) ->
     # a server placement needs more processes than torchrun started: said, not hung
     assert by["doublesqueeze-async"]["error"] == "needs 3 processes (1 of them servers); torchrun started 2"
     assert (out / "results.md").read_text().count("| cluster |") == 4
+
+
+def test_rounds_repeat_the_grid_with_references_from_their_own_round() -> None:
+    from gradzip.bench import report
+
+    specs = Grid(methods=["floor", "ssgd", "acpsgd"], bandwidths=["1gbit"], rounds=3).specs()
+    assert [(s.round, s.method) for s in specs] == [
+        (r, m) for r in range(3) for m in ("floor", "ssgd", "acpsgd")
+    ]
+    # Synthetic timings: round r's floor is 100+r ms, ssgd 400 ms, acpsgd 150, 130 and 170 ms.
+    acp = {0: 0.150, 1: 0.130, 2: 0.170}
+    times = {"floor": lambda r: 0.100 + r / 1000, "ssgd": lambda r: 0.400, "acpsgd": lambda r: acp[r]}
+    results = []
+    for s in specs:
+        spec = {**s.__dict__}
+        t = times[s.method](s.round)
+        parts = dict.fromkeys(("forward_backward_s", "compress_s", "wait_s", "optimizer_s"), None)
+        sizes = dict.fromkeys(("bytes_sent_per_step", "bytes_received_per_step"), None)
+        results.append(
+            {"spec": spec, "median_s": t, "p10_s": t, "p90_s": t, "samples_per_s": 1.0, **parts, **sizes}
+        )
+    add_references(results)
+    rows = {(r["spec"]["round"], r["spec"]["method"]): r for r in results}
+    assert rows[(2, "acpsgd")]["vs_floor"] == acp[2] / times["floor"](2)  # its own round's floor
+    picked = {r["spec"]["method"]: r for r in report.median_rounds(results)}
+    assert picked["acpsgd"]["spec"]["round"] == 0  # 130 < 150 < 170 ms: the middle one
+    line = next(ln for ln in report.across_rounds(results).splitlines() if "| acpsgd (rank=4) |" in ln)
+    assert "| 3 | 150 (130–170) |" in line
+    ratios = sorted(acp[r] / times["floor"](r) for r in range(3))
+    assert f"{ratios[1]:.2f}x ({ratios[0]:.2f}x–{ratios[2]:.2f}x)" in line
+    assert "| round |" in report.markdown(results).splitlines()[0]
+    with pytest.raises(ValueError, match="rounds=0"):
+        Grid(rounds=0)

@@ -82,6 +82,12 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     bench.add_argument("--warmup", type=int, default=g.warmup, help="iterations before measuring")
     bench.add_argument("--iters", type=int, default=g.iters, help="measured iterations per configuration")
     bench.add_argument(
+        "--rounds",
+        type=int,
+        default=g.rounds,
+        help="run the grid this many times (fresh processes each time) and report the spread between rounds",
+    )
+    bench.add_argument(
         "--image-size", type=int, default=g.image_size, help="input height and width for image models"
     )
     bench.add_argument("--seq-len", type=int, default=g.seq_len, help="sequence length for BERT models")
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
             models=args.models or Grid().models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
             batch_sizes=args.batch_size, ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb,
             latency=args.latency, warmup=args.warmup, iters=args.iters, image_size=args.image_size,
-            seq_len=args.seq_len, timeout=args.timeout,
+            seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds,
         )  # fmt: skip
     except (ValueError, cluster.ClusterError) as err:
         raise usage_error(str(err)) from None
@@ -174,7 +180,7 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
 
     print(f"gradzip bench: {len(grid.specs())} configurations -> {args.out}", file=sys.stderr)
     results = run_grid(grid, args.out, progress=not args.quiet)
-    _write_outputs(args.out, "results", report.markdown(results), report.plots(results, args.out))
+    _write_outputs(args.out, "results", _table(results, grid.rounds), report.plots(results, args.out))
     return 1 if all("error" in r for r in results) else 0
 
 
@@ -190,7 +196,7 @@ def _run_under_torchrun(args: argparse.Namespace, usage_error: type[Exception]) 
             models=args.models or Grid().models, methods=args.methods, workers=[world],
             bandwidths=[REAL_NETWORK], batch_sizes=args.batch_size, ranks=args.rank,
             bucket_caps_mb=args.bucket_cap_mb, warmup=args.warmup, iters=args.iters,
-            image_size=args.image_size, seq_len=args.seq_len, timeout=args.timeout,
+            image_size=args.image_size, seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds,
         )  # fmt: skip
     except ValueError as err:
         raise usage_error(str(err)) from None
@@ -203,8 +209,18 @@ def _run_under_torchrun(args: argparse.Namespace, usage_error: type[Exception]) 
     results = run_grid_under_torchrun(grid, args.out, progress=not args.quiet)
     if results is None:  # not rank 0
         return 0
-    _write_outputs(args.out, "results", report.markdown(results), report.plots(results, args.out))
+    _write_outputs(args.out, "results", _table(results, grid.rounds), report.plots(results, args.out))
     return 1 if all("error" in r for r in results) else 0
+
+
+def _table(results: list[dict[str, Any]], rounds: int) -> str:
+    """The results table, and with several rounds the spread between them."""
+    from gradzip.bench import report
+
+    table = report.markdown(results)
+    if rounds > 1:
+        table += "\nAcross rounds: median (min–max)\n\n" + report.across_rounds(results)
+    return table
 
 
 def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,18 +35,21 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     """One row per configuration; times in ms (median, and p10-p90 spread over the measured iterations). The
     DDP bucket size gets a column when it varies (a tensor-fusion sweep)."""
     buckets = len({r["spec"]["bucket_cap_mb"] for r in results}) > 1
+    rounds = len({r["spec"].get("round", 0) for r in results}) > 1
     head = (
         "| model | workers | bandwidth | batch |"
         + (" bucket MB |" if buckets else "")
+        + (" round |" if rounds else "")
         + " method | iteration ms (p10-p90) | vs floor | speed-up vs ssgd "
         "| fwd+bwd | compress | comm wait | optimizer | sent/step | received/step | samples/s |"
     )
-    lines = [head, "|" + "---|" * (15 + buckets)]
+    lines = [head, "|" + "---|" * (15 + buckets + rounds)]
     for r in results:
         s = r["spec"]
         where = (
             f"| {s['model']} | {s['workers']} | {s['bandwidth']} | {s['batch_size']} "
             + (f"| {s['bucket_cap_mb']:g} " if buckets else "")
+            + (f"| {s.get('round', 0)} " if rounds else "")
             + f"| {method_label(s)} "
         )
         if "error" in r:
@@ -60,6 +65,50 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _config_key(spec: dict[str, Any]) -> str:
+    """A configuration without its round."""
+    return json.dumps({k: v for k, v in spec.items() if k != "round"}, sort_keys=True)
+
+
+def median_rounds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per configuration: of its rounds, the one with the median iteration time (the lower
+    middle one for an even count), so its parts and ratios stay those of one real run."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        if "median_s" in r:
+            by.setdefault(_config_key(r["spec"]), []).append(r)
+    return [sorted(rs, key=lambda r: r["median_s"])[(len(rs) - 1) // 2] for rs in by.values()]
+
+
+def across_rounds(results: Sequence[dict[str, Any]]) -> str:
+    """The spread between rounds (``--rounds``): per configuration, the median and range over rounds of its
+    iteration time, its ratio to the floor and its speed-up over ssgd (each from its own round)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        if "median_s" in r:
+            by.setdefault(_config_key(r["spec"]), []).append(r)
+    lines = [
+        "| model | workers | bandwidth | batch | method | rounds | iteration ms | vs floor | speed-up vs ssgd |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def spread(values: list[float | None], fmt: str) -> str:
+        vals = sorted(v for v in values if v is not None)
+        if not vals:
+            return "-"
+        return f"{fmt.format(statistics.median(vals))} ({fmt.format(vals[0])}–{fmt.format(vals[-1])})"
+
+    for rs in by.values():
+        s = rs[0]["spec"]
+        lines.append(
+            f"| {s['model']} | {s['workers']} | {s['bandwidth']} | {s['batch_size']} | {method_label(s)} "
+            f"| {len(rs)} | {spread([1000 * r['median_s'] for r in rs], '{:.0f}')} "
+            f"| {spread([r.get('vs_floor') for r in rs], '{:.2f}x')} "
+            f"| {spread([r.get('speedup_vs_ssgd') for r in rs], '{:.2f}x')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """PNG plots: iteration time against bandwidth per method, speed-up over ssgd against workers, and the
     time breakdown per method. A plot whose axis has a single value in this run is skipped."""
@@ -68,7 +117,7 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only: no display is needed or assumed
     import matplotlib.pyplot as plt
 
-    ok = [r for r in results if "median_s" in r]
+    ok = median_rounds(results)  # with --rounds, each configuration's median round
     written: list[Path] = []
     bandwidth_order = ["100mbit", "1gbit", "10gbit", "unlimited"]
     bandwidths = sorted(

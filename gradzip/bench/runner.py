@@ -86,6 +86,7 @@ class Grid:
     image_size: int = 32
     seq_len: int = 32
     timeout: float = 300.0
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -97,6 +98,8 @@ class Grid:
                 raise ValueError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODELS))}")
         if self.iters < 1:
             raise ValueError(f"iters={self.iters} is invalid: at least 1 measured iteration")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds!r} is invalid: at least 1 round")
         for name in ("workers", "batch_sizes", "ranks"):
             for v in getattr(self, name):
                 if not isinstance(v, int) or v < 1:
@@ -113,7 +116,8 @@ class Grid:
         axes = itertools.product(
             self.models, self.workers, self.bandwidths, self.batch_sizes, self.bucket_caps_mb
         )
-        for model, workers, bandwidth, batch, cap in axes:
+        # Rounds inside each group: a drift of the machine's speed then touches every method of a round.
+        for (model, workers, bandwidth, batch, cap), rnd in itertools.product(axes, range(self.rounds)):
             for text in sorted(self.methods, key=lambda m: (m not in ("floor", "ssgd"), m != "floor")):
                 method, given = parse_method(text)
                 ranks = self.ranks if method in LOW_RANK and "rank" not in given else [None]
@@ -134,6 +138,7 @@ class Grid:
                             image_size=self.image_size,
                             seq_len=self.seq_len,
                             timeout=self.timeout,
+                            round=rnd,
                         )
                     )
         return out
@@ -143,7 +148,7 @@ def group_key(spec: dict[str, Any]) -> tuple[Any, ...]:
     """Configurations that differ only in method (and its options) are compared with each other."""
     return (
         spec["model"], spec["workers"], spec["bandwidth"], spec["latency"], spec["batch_size"],
-        spec["bucket_cap_mb"], spec["image_size"], spec["seq_len"],
+        spec["bucket_cap_mb"], spec["image_size"], spec["seq_len"], spec.get("round", 0),
     )  # fmt: skip
 
 

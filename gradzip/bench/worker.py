@@ -49,6 +49,8 @@ class BenchSpec:
     seq_len: int = 32
     seed: int = 0
     timeout: float = 300.0
+    round: int = 0
+    """Which repetition of the grid this is (``--rounds``): references come from the same round."""
 
     def servers(self) -> int:
         """Dedicated parameter-server processes beside the workers (DoubleSqueeze's server placements)."""
@@ -66,6 +68,7 @@ class BenchSpec:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return (
             f"{self.model} {self.method}{'(' + opts + ')' if opts else ''} x{self.workers} @{self.bandwidth}"
+            + (f" round {self.round}" if self.round else "")
         )
 
 

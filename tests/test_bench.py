@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradzip.bench.cluster import leftover_namespaces
 from gradzip.bench.runner import Grid, add_references
@@ -79,6 +80,11 @@ def test_grid_refuses_bad_input() -> None:
         Grid(methods=["doublesqueeze:placement=moon"])
     with pytest.raises(ValueError, match="write NAME:KEY=VALUE"):
         Grid(methods=["choco:topk"])
+    with pytest.raises(ValueError, match="device='gpu' is invalid: use cpu or cuda"):
+        Grid(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Grid(device="cuda")
     with pytest.raises(ValueError, match="floor takes no options but rank"):
         Grid(methods=["floor:density=2"])
 

@@ -117,3 +117,20 @@ def test_kernels_on_cuda() -> None:
     for r in results:
         assert r.seconds > 0 and r.fraction_of_copy > 0, r
     print("\n" + kernels.format_table(results))
+
+
+def test_bench_workers_on_cuda(tmp_path: Path) -> None:
+    """`gradzip bench --device cuda`: every worker trains on the GPU; gossip and servers are refused."""
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "gradzip", "bench", "--device", "cuda", "--bandwidth", "unlimited",
+        "--workers", "2", "--methods", "floor,ssgd,acpsgd,torch-powersgd", "--iters", "3", "--quiet",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert not [r["error"] for r in results if "error" in r]
+    assert {r["spec"]["device"] for r in results} == {"cuda"}
+    refused = subprocess.run([*cmd[:-2], "--methods", "powergossip"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "does not run on cuda" in refused.stderr

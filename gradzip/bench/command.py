@@ -113,7 +113,8 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     bench.add_argument(
         "--device",
         default="cpu",
-        help="device for --kernels: cpu (one thread, like a worker of the emulated cluster) or cuda[:N]",
+        help="cpu or cuda: where the workers train (cuda: DDP-hook methods, a GPU per worker by local rank, "
+        "gloo carrying CUDA tensors); for --kernels, cpu (one thread) or cuda[:N]",
     )
     bench.add_argument(
         "--cleanup", action="store_true", help="remove network namespaces left by a killed run, then exit"
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
             models=args.models or Grid().models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
             batch_sizes=args.batch_size, ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb,
             latency=args.latency, warmup=args.warmup, iters=args.iters, image_size=args.image_size,
-            seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds,
+            seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds, device=args.device,
         )  # fmt: skip
     except (ValueError, cluster.ClusterError) as err:
         raise usage_error(str(err)) from None
@@ -197,6 +198,7 @@ def _run_under_torchrun(args: argparse.Namespace, usage_error: type[Exception]) 
             bandwidths=[REAL_NETWORK], batch_sizes=args.batch_size, ranks=args.rank,
             bucket_caps_mb=args.bucket_cap_mb, warmup=args.warmup, iters=args.iters,
             image_size=args.image_size, seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds,
+            device=args.device,
         )  # fmt: skip
     except ValueError as err:
         raise usage_error(str(err)) from None

@@ -87,6 +87,7 @@ class Grid:
     seq_len: int = 32
     timeout: float = 300.0
     rounds: int = 1
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -100,6 +101,22 @@ class Grid:
             raise ValueError(f"iters={self.iters} is invalid: at least 1 measured iteration")
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds={self.rounds!r} is invalid: at least 1 round")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is invalid: use cpu or cuda")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' requested but CUDA is not available")
+            from gradzip.registry import get_spec
+
+            for text in self.methods:
+                name, _ = parse_method(text)
+                if name not in RIVALS and (get_spec(name).kind != "hook" or "placement=server" in text):
+                    raise ValueError(
+                        f"method {text!r} does not run on cuda in the benchmark (gossip and parameter servers "
+                        "exchange CPU tensors): use --device cpu"
+                    )
         for name in ("workers", "batch_sizes", "ranks"):
             for v in getattr(self, name):
                 if not isinstance(v, int) or v < 1:
@@ -139,6 +156,7 @@ class Grid:
                             seq_len=self.seq_len,
                             timeout=self.timeout,
                             round=rnd,
+                            device=self.device,
                         )
                     )
         return out

@@ -51,6 +51,8 @@ class BenchSpec:
     timeout: float = 300.0
     round: int = 0
     """Which repetition of the grid this is (``--rounds``): references come from the same round."""
+    device: str = "cpu"
+    """``cuda``: each worker trains on GPU ``LOCAL_RANK % device_count`` (gloo carries CUDA tensors)."""
 
     def servers(self) -> int:
         """Dedicated parameter-server processes beside the workers (DoubleSqueeze's server placements)."""
@@ -195,9 +197,14 @@ def _measure(
     from gradzip.registry import get_spec
     from gradzip.train.models import build_model
 
+    device = torch.device("cpu")
+    if spec.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     x, y, input_shape = synthetic_batch(spec)
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, input_shape, 10)
+    model = build_model(spec.model, input_shape, 10).to(device)
     kind = "hook" if spec.method in RIVALS else get_spec(spec.method).kind
     module: nn.Module = model
     state, gossip, serving = None, None, None
@@ -208,7 +215,7 @@ def _measure(
     else:
         # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
         cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
-        module = DDP(model, bucket_cap_mb=cap)
+        module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
         state = attach(module, spec)
 
     def counters() -> tuple[float, float, int, int] | None:
@@ -222,23 +229,30 @@ def _measure(
         return state.hook_s, state.reducer.wait_s, state.stats.bytes_sent, state.stats.bytes_received
 
     opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def now() -> float:
+        """The time once the GPU has finished what was queued (kernels run asynchronously)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     rows = []
     for it in range(spec.warmup + spec.iters):
         before = counters()
-        t0 = time.perf_counter()
+        t0 = now()
         opt.zero_grad(set_to_none=False)
         loss = nn.functional.cross_entropy(module(x), y)
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = now()
         if serving is not None:
             serving.step()  # replaces the gradients (synchronous) or the parameters (asynchronous)
-        t_exchanged = time.perf_counter()
+        t_exchanged = now()
         if serving is None or not serving.asynchronous:
             opt.step()
-        t3 = time.perf_counter()
+        t3 = now()
         if gossip is not None:
             gossip.step()  # adapt, then combine with the neighbours (D-PSGD's order)
-        t4 = time.perf_counter()
+        t4 = now()
         if it < spec.warmup:
             continue
         row = {"iteration": t4 - t0, "compute": t2 - t0, "optimizer": t3 - t_exchanged}

@@ -31,7 +31,7 @@ def run_time_to_accuracy(
     model: str | None = None,
 ) -> list[dict[str, Any]]:
     from gradzip.bench.cluster import EmulatedCluster
-    from gradzip.bench.runner import progress_bar, run_in_cluster, save_json
+    from gradzip.bench.runner import ResultLog, run_in_cluster
 
     unknown = [m for m in methods if m not in registry_methods()]
     if unknown:
@@ -40,40 +40,33 @@ def run_time_to_accuracy(
             f"(valid: {', '.join(registry_methods())})"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    bar = progress_bar(len(methods) * len(bandwidths), progress, unit="run")
-    with tempfile.TemporaryDirectory(prefix="gradzip-tta-") as tmp:
-        try:
-            for bandwidth in bandwidths:
-                with EmulatedCluster(workers, bandwidth, latency) as cluster:
-                    for method in methods:
-                        if bar is not None:
-                            bar.set_description(f"{method} x{workers} @{bandwidth}")
-                        out = Path(tmp) / f"{method}-{bandwidth}.json"
-                        argv = [
-                            sys.executable, "-m", "gradzip", "train", "--method", method,
-                            "--steps", str(steps), "--eval-every", str(eval_every),
-                            "--target-accuracy", str(target), "--json", str(out), "--quiet",
-                            "--backend", "gloo",  # NCCL would bypass the emulated links (shared memory)
-                        ]  # fmt: skip
-                        if model is not None:
-                            argv += ["--model", model]
-                        error = run_in_cluster(cluster, workers, argv, timeout, Path(tmp))
-                        row: dict[str, Any] = {"method": method, "workers": workers, "bandwidth": bandwidth}
-                        if error is None and out.exists():
-                            summary = json.loads(out.read_text())
-                            summary.pop("history", None)
-                            row.update(summary)
-                        else:
-                            row["error"] = error or "no result written"
-                        results.append(row)
-                        save_json(results, out_dir / "time_to_accuracy.json")
-                        if bar is not None:
-                            bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
-    return results
+    log = ResultLog(
+        out_dir / "time_to_accuracy.json", len(methods) * len(bandwidths), progress, "run", references=False
+    )
+    with tempfile.TemporaryDirectory(prefix="gradzip-tta-") as tmp, log:
+        for bandwidth in bandwidths:
+            with EmulatedCluster(workers, bandwidth, latency) as cluster:
+                for method in methods:
+                    log.start(f"{method} x{workers} @{bandwidth}")
+                    out = Path(tmp) / f"{method}-{bandwidth}.json"
+                    argv = [
+                        sys.executable, "-m", "gradzip", "train", "--method", method,
+                        "--steps", str(steps), "--eval-every", str(eval_every),
+                        "--target-accuracy", str(target), "--json", str(out), "--quiet",
+                        "--backend", "gloo",  # NCCL would bypass the emulated links (shared memory)
+                    ]  # fmt: skip
+                    if model is not None:
+                        argv += ["--model", model]
+                    error = run_in_cluster(cluster, workers, argv, timeout, Path(tmp))
+                    row: dict[str, Any] = {"method": method, "workers": workers, "bandwidth": bandwidth}
+                    if error is None and out.exists():
+                        summary = json.loads(out.read_text())
+                        summary.pop("history", None)
+                        row.update(summary)
+                    else:
+                        row["error"] = error or "no result written"
+                    log.add(row)
+    return log.rows
 
 
 def markdown(results: Sequence[dict[str, Any]]) -> str:

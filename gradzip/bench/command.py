@@ -167,12 +167,7 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         return _run_under_torchrun(args, usage_error)
     try:
         _check_network(args)
-        grid = Grid(
-            models=args.models or Grid().models, methods=args.methods, workers=args.workers, bandwidths=args.bandwidth,
-            batch_sizes=args.batch_size, ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb,
-            latency=args.latency, warmup=args.warmup, iters=args.iters, image_size=args.image_size,
-            seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds, device=args.device,
-        )  # fmt: skip
+        grid = _grid(args, workers=args.workers, bandwidths=args.bandwidth, latency=args.latency)
     except (ValueError, cluster.ClusterError) as err:
         raise usage_error(str(err)) from None
 
@@ -193,13 +188,7 @@ def _run_under_torchrun(args: argparse.Namespace, usage_error: type[Exception]) 
 
     world = int(os.environ["WORLD_SIZE"])
     try:
-        grid = Grid(
-            models=args.models or Grid().models, methods=args.methods, workers=[world],
-            bandwidths=[REAL_NETWORK], batch_sizes=args.batch_size, ranks=args.rank,
-            bucket_caps_mb=args.bucket_cap_mb, warmup=args.warmup, iters=args.iters,
-            image_size=args.image_size, seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds,
-            device=args.device,
-        )  # fmt: skip
+        grid = _grid(args, workers=[world], bandwidths=[REAL_NETWORK])
     except ValueError as err:
         raise usage_error(str(err)) from None
     if os.environ.get("RANK", "0") == "0":
@@ -213,6 +202,17 @@ def _run_under_torchrun(args: argparse.Namespace, usage_error: type[Exception]) 
         return 0
     _write_outputs(args.out, "results", _table(results, grid.rounds), report.plots(results, args.out))
     return 1 if all("error" in r for r in results) else 0
+
+
+def _grid(args: argparse.Namespace, **network: Any) -> Grid:
+    """The grid the flags describe; ``network`` (workers, bandwidths, latency) is the emulated cluster's, or
+    torchrun's world on its real network."""
+    return Grid(
+        models=args.models or Grid().models, methods=args.methods, batch_sizes=args.batch_size,
+        ranks=args.rank, bucket_caps_mb=args.bucket_cap_mb, warmup=args.warmup, iters=args.iters,
+        image_size=args.image_size, seq_len=args.seq_len, timeout=args.timeout, rounds=args.rounds,
+        device=args.device, **network,
+    )  # fmt: skip
 
 
 def _table(results: list[dict[str, Any]], rounds: int) -> str:

@@ -390,8 +390,8 @@ def run_kernels(
     try:
         dev = torch.device(device)
     except RuntimeError:
-        dev = torch.device("meta")  # refused just below, with the valid choices
-    if dev.type not in ("cpu", "cuda"):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is invalid: use cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")

@@ -272,28 +272,18 @@ def run_grid(
     for bandwidth in {s.bandwidth for s in specs}:
         check_can_emulate(bandwidth)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    bar = progress_bar(len(specs), progress)
+    log = ResultLog(out_dir / "results.json", len(specs), progress)
     groups: dict[tuple[int, str, str], list[BenchSpec]] = {}
     for s in specs:
         groups.setdefault((s.workers, s.bandwidth, s.latency), []).append(s)
-    with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp:
-        try:
-            for (_, bandwidth, latency), group in groups.items():
-                # One host per process: dedicated parameter servers get hosts (and links) of their own.
-                with EmulatedCluster(max(s.processes() for s in group), bandwidth, latency) as cluster:
-                    for spec in group:
-                        if bar is not None:
-                            bar.set_description(spec.label())
-                        results.append(run_spec(spec, cluster, Path(tmp)))
-                        add_references(results)
-                        save_json(results, out_dir / "results.json")
-                        if bar is not None:
-                            bar.update()
-        finally:
-            if bar is not None:
-                bar.close()
-    return results
+    with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp, log:
+        for (_, bandwidth, latency), group in groups.items():
+            # One host per process: dedicated parameter servers get hosts (and links) of their own.
+            with EmulatedCluster(max(s.processes() for s in group), bandwidth, latency) as cluster:
+                for spec in group:
+                    log.start(spec.label())
+                    log.add(run_spec(spec, cluster, Path(tmp)))
+    return log.rows
 
 
 REAL_NETWORK = "cluster"
@@ -314,26 +304,17 @@ def run_grid_under_torchrun(grid: Grid, out_dir: Path, progress: bool = True) ->
     specs = grid.specs()
     # Long enough for the slowest configuration between two coordination messages.
     dist.init_process_group("gloo", timeout=timedelta(seconds=max(s.timeout for s in specs) + 600))
-    results: list[dict[str, Any]] = []
-    bar = progress_bar(len(specs), progress and rank == 0)
+    # Only rank 0 keeps (and saves) the results and shows the bar.
+    log = ResultLog(out_dir / "results.json" if rank == 0 else None, len(specs), progress and rank == 0)
     try:
-        with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp, log:
             for i, spec in enumerate(specs):
-                if bar is not None:
-                    bar.set_description(spec.label())
+                log.start(spec.label())
                 row = _run_spec_with_torchrun(spec, rank, world, Path(tmp) / f"result-{i}.json")
-                if rank == 0:
-                    results.append(row)
-                    add_references(results)
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    save_json(results, out_dir / "results.json")
-                if bar is not None:
-                    bar.update()
+                log.add(row if rank == 0 else None)
     finally:
-        if bar is not None:
-            bar.close()
         dist.destroy_process_group()
-    return results if rank == 0 else None
+    return log.rows if rank == 0 else None
 
 
 def _run_spec_with_torchrun(spec: BenchSpec, rank: int, world: int, out: Path) -> dict[str, Any]:
@@ -366,6 +347,42 @@ def _run_spec_with_torchrun(spec: BenchSpec, rank: int, world: int, out: Path) -
         return result
     reason = f"rank {failed} failed: {everyone[failed][1]}" if failed is not None else "no result written"
     return {"spec": dataclasses.asdict(spec), "error": reason}
+
+
+class ResultLog:
+    """The results of a run so far, saved after each one (an interrupted run loses nothing), with a progress
+    bar. Used as a context manager, which closes the bar."""
+
+    def __init__(
+        self, path: Path | None, total: int, progress: bool, unit: str = "config", references: bool = True
+    ) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.path = path
+        self.references = references
+        self.bar = progress_bar(total, progress, unit)
+
+    def __enter__(self) -> ResultLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def start(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label)
+
+    def add(self, row: dict[str, Any] | None) -> None:
+        """One more result (None: one more step of the bar only); speed-ups and floor ratios are refreshed."""
+        if row is not None:
+            self.rows.append(row)
+            if self.references:
+                add_references(self.rows)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                save_json(self.rows, self.path)
+        if self.bar is not None:
+            self.bar.update()
 
 
 def progress_bar(total: int, enabled: bool, unit: str = "config") -> Any:

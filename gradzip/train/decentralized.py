@@ -25,11 +25,12 @@ from gradzip.registry import make_config
 from gradzip.train.data import load_dataset, shard_indices
 from gradzip.train.loop import (
     TrainConfig,
-    epoch_shard,
     evaluate,
     params_agreement,
     reduce_metrics,
     setup_run,
+    step_bar,
+    step_batches,
     summary,
 )
 from gradzip.train.models import build_model
@@ -54,26 +55,17 @@ def train_decentralized(cfg: TrainConfig, device: torch.device) -> dict[str, Any
     gossip = build_gossip(cfg.method, model, options, timeout=timedelta(seconds=cfg.timeout))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 
-    bar = None
-    if rank == 0 and not cfg.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_steps, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
-
+    bar = step_bar(cfg, rank, world, n_steps)
     losses = torch.zeros(n_steps, dtype=torch.float64)
     times = torch.zeros(n_steps, dtype=torch.float64)
     sent = torch.zeros(n_steps, dtype=torch.float64)
     consensus = torch.full((n_steps,), math.nan, dtype=torch.float64)
-    shard = torch.empty(0, dtype=torch.long)
     evals: list[dict[str, float]] = []
     model.train()
     try:
-        for step in range(n_steps):
-            epoch, i = divmod(step, per_epoch)
-            if i == 0:
-                shard = epoch_shard(cfg, data, shard_indices, rank, world, epoch)
-            idx = shard[i * batch : (i + 1) * batch]
-            x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        for step, x, y in step_batches(
+            cfg, data, shard_indices, rank, world, n_steps, per_epoch, batch, device
+        ):
             sent_before, metrics_before = gossip.stats.bytes_sent, gossip.metrics_s
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -328,6 +328,36 @@ def epoch_shard(
     return label_skew_epoch(data.y_train, rank, world, cfg.seed, epoch)
 
 
+def step_batches(
+    cfg: TrainConfig,
+    data: Any,
+    shard_indices: Any,
+    rank: int,
+    world: int,
+    n_steps: int,
+    per_epoch: int,
+    batch: int,
+    device: torch.device,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(step, inputs, labels) of this rank for every step: a new shard at each epoch's start."""
+    shard = torch.empty(0, dtype=torch.long)
+    for step in range(n_steps):
+        epoch, i = divmod(step, per_epoch)
+        if i == 0:
+            shard = epoch_shard(cfg, data, shard_indices, rank, world, epoch)
+        idx = shard[i * batch : (i + 1) * batch]
+        yield step, data.x_train[idx].to(device), data.y_train[idx].to(device)
+
+
+def step_bar(cfg: TrainConfig, rank: int, world: int, n_steps: int) -> Any:
+    """The training progress bar (rank 0, unless quiet), or None."""
+    if rank != 0 or cfg.quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n_steps, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
+
+
 def reduce_metrics(
     losses: torch.Tensor,
     times: torch.Tensor,
@@ -453,26 +483,16 @@ def _train(
     straggler = parse_straggler(cfg.straggler)
     slowdown = straggler[1] if straggler is not None and straggler[0] == rank else 1.0
 
-    show_bar = rank == 0 and not cfg.quiet
-    bar = None
-    if show_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_steps, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
-
+    bar = step_bar(cfg, rank, world, n_steps)
     losses = torch.zeros(n_steps, dtype=torch.float64)
     times = torch.zeros(n_steps, dtype=torch.float64)
     sent = torch.zeros(n_steps, dtype=torch.float64)
-    shard = torch.empty(0, dtype=torch.long)
     evals: list[dict[str, float]] = []
     ex.module.train()
     try:
-        for step in range(n_steps):
-            epoch, i = divmod(step, per_epoch)
-            if i == 0:
-                shard = epoch_shard(cfg, data, shard_indices, rank, world, epoch)
-            idx = shard[i * batch : (i + 1) * batch]
-            x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        for step, x, y in step_batches(
+            cfg, data, shard_indices, rank, world, n_steps, per_epoch, batch, device
+        ):
             sent_before = ex.stats.bytes_sent
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: run test test-gpu lint typecheck unit clean
+.PHONY: run test test-gpu lint imports typecheck unit clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,16 +22,20 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check gradzip tests tests_gpu
 	$(VENV)/bin/ruff format --check gradzip tests tests_gpu
 
+# The layers contract and the no-cycles contract in pyproject.toml ([tool.importlinter]).
+imports: $(VENV)/.dev
+	$(VENV)/bin/lint-imports --no-cache
+
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy gradzip
 
 unit: $(VENV)/.dev
 	$(PY) -m pytest -q
 
-test: lint typecheck unit
+test: lint imports typecheck unit
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
 
 # On a machine with a CUDA GPU: the hooks on CUDA tensors against the CPU, training on NCCL, the kernels.
 test-gpu: $(VENV)/.dev

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -18,11 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gradzip.util import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "run_workers"]
 
 
 def _entry(

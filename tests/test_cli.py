@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gradzip.cli import build_parser, main
+from gradzip.cli.options import method_options
 from gradzip.registry import METHODS
 
 
@@ -27,6 +28,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 BAD_INPUTS = [
     (["--method", "nosuchmethod"], "nosuchmethod"),
+    # A method option's bad value: the registry's message (tests/test_registry.py), as one line.
     (["--method", "acpsgd", "--rank", "0"], "rank=0"),
     (["--method", "topk", "--density", "1.5"], "1.5"),
     (["--method", "qsgd", "--levels", "500"], "500"),
@@ -115,13 +117,11 @@ def test_boolean_options_have_a_negative_form(capsys: pytest.CaptureFixture[str]
 
 
 def test_compressor_seed_is_not_the_training_seed() -> None:
-    from gradzip.cli import _method_options
-
     args = build_parser().parse_args(
         ["train", "--method", "randomk", "--seed", "3", "--compressor-seed", "7"]
     )
     assert args.seed == 3
-    assert _method_options(args) == {"seed": 7}
+    assert method_options(args) == {"seed": 7}
 
 
 def test_methods_lists_every_method_and_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,3 +162,16 @@ def test_bench_kernels_bad_device_or_shapes_is_a_usage_error(
     code, out, err = run_main(["bench", "--kernels", "--out", str(tmp_path), *args], capsys)
     assert code == 2 and out == ""
     assert needle in err and "Traceback" not in err
+
+
+def test_a_bad_topology_or_worker_count_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, needle in [
+        (["--method", "powergossip", "--topology", "torus", "--workers", "7"], "cannot take 7 workers"),
+        (["--method", "dpsgd", "--topology", "moebius"], "moebius"),
+        (["--method", "ssgd", "--topology", "ring"], "--topology"),
+        (["--data-split", "sorted"], "sorted"),
+    ]:
+        code, out, err = run_main(["train", "--backend", "gloo", *argv], capsys)
+        assert code == 2 and out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gradzip: error: ") and needle in lines[0], err

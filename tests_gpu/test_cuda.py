@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradzip
 from gradzip.bench import kernels
 from tests.distributed import run_workers
-from tests.test_hooks import batch, mixed_net
+from tests.integrations.test_ddp import batch, mixed_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

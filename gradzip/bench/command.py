@@ -135,10 +135,11 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
-    from gradzip.bench import cluster
+    from gradzip.bench.iproute import ClusterError
+    from gradzip.bench.netns import remove_leftovers
 
     if args.cleanup:
-        removed = cluster.remove_leftovers()
+        removed = remove_leftovers()
         print(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
         return 0
     if args.kernels:
@@ -161,14 +162,14 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         return 0
     if args.time_to_accuracy:
         return _time_to_accuracy(args, usage_error)
-    from gradzip.train.launch import under_torchrun
+    from gradzip.train.env import under_torchrun
 
     if under_torchrun():
         return _run_under_torchrun(args, usage_error)
     try:
         _check_network(args)
         grid = _grid(args, workers=args.workers, bandwidths=args.bandwidth, latency=args.latency)
-    except (ValueError, cluster.ClusterError) as err:
+    except (ValueError, ClusterError) as err:
         raise usage_error(str(err)) from None
 
     from gradzip.bench import report
@@ -226,7 +227,8 @@ def _table(results: list[dict[str, Any]], rounds: int) -> str:
 
 
 def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) -> int:
-    from gradzip.bench import accuracy, cluster
+    from gradzip.bench import accuracy
+    from gradzip.bench.iproute import ClusterError
     from gradzip.registry import methods
 
     # The floor and torch's hook do not train; the server placements need hosts beyond the workers.
@@ -239,7 +241,7 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
         if args.eval_every < 1 or args.steps < 1:
             raise ValueError("--eval-every and --steps must be >= 1")
         _check_network(args)
-    except (ValueError, cluster.ClusterError) as err:
+    except (ValueError, ClusterError) as err:
         raise usage_error(str(err)) from None
     results = accuracy.run_time_to_accuracy(
         chosen, args.workers[0], args.bandwidth, args.out, target=args.target_accuracy,
@@ -252,13 +254,13 @@ def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) ->
 
 def _check_network(args: argparse.Namespace) -> None:
     """Every --bandwidth and --latency well-formed, and emulable here (root, ip and tc)."""
-    from gradzip.bench import cluster
+    from gradzip.bench.network import check_can_emulate, parse_bandwidth, parse_latency
 
     for b in args.bandwidth:
-        cluster.parse_bandwidth(b)
-    cluster.parse_latency(args.latency)
+        parse_bandwidth(b)
+    parse_latency(args.latency)
     for b in set(args.bandwidth):
-        cluster.check_can_emulate(b)
+        check_can_emulate(b)
 
 
 def _write_outputs(out: Path, stem: str, table: str, plots: list[Path]) -> None:

@@ -1,24 +1,22 @@
 """Kernel throughput: one worker's compress + decompress work per step, against the memory-copy bound.
 
-Every compressor runs over the >=2-D parameter shapes of a registry model (built on the meta device, so
-reading even BERT-large's shapes allocates nothing), filled with seeded normal noise, through the code the
-reducers ship, in the order they call it:
+Every method runs over the >=2-D parameter shapes of a registry model (built on the meta device, so reading
+even BERT-large's shapes allocates nothing), filled with seeded normal noise, through the reducers that ship:
+each is built from the registry with its default options and driven through a world of one
+(:class:`~gradzip.comm.collectives.SoloComm`, whose collectives complete at once), so what is timed is the
+whole local work of a step (planning aside, which is cached): error feedback, encoding, the fused message,
+and the decode the reducer uses (``decode`` of the sum for summable payloads, ``aggregate`` over the gathered
+payloads otherwise), written into the gradients. The tensors are fused into buckets of DDP's default size (25
+MB), the last one closing the step: PowerSGD's second round and every decompression run there, and ACP-SGD
+alternates its P- and Q-steps from one pass to the next, as in training.
 
-* element-wise (``sign``, ``topk``, ``randomk``, ``qsgd``, ``fp16``), per tensor: ``select_stream``, the
-  error-feedback ``compensate``, ``encode``, ``residual_``, then the decode the reducer uses (``decode`` of
-  the sum for summable payloads, ``aggregate`` over a world of one for all-gathered ones) into a gradient
-  buffer. Error feedback follows each method's defaults: on for sign, topk and randomk, off for qsgd
-  (unbiased) and fp16 (a plain all-reduce).
-* low-rank (``powersgd``, ``acpsgd``), per matrix viewed as ``shape[0] x rest``: the passes of
-  :mod:`gradzip.compress.fused` (its C kernels where they are built) as the reducers use them, message
-  slots included; the collectives are
-  left out (a world of one), so only local work is timed. ACP-SGD is timed on its P-step.
 * ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)`` alone, the call inside ``TopK.encode``, so the
   table shows what top-k costs beyond the selection itself.
 
 One pass over the whole set is timed with ``time.perf_counter`` after a warm-up pass (the first pass
-allocates residuals and factors); the median of ``repeats`` is reported as input fp32 bytes per second and
-as a fraction of ``copy_`` over the same tensors. Any compressor must read its input and write the decoded
+allocates residuals and factors); the gradients are restored before each pass, untimed, since a reducer
+writes its result over them. The median of ``repeats`` is reported as input fp32 bytes per second and as a
+fraction of ``copy_`` over the same tensors. Any compressor must read its input and write the decoded
 gradient at least once, which is what a copy does, so the copy is the bound; error feedback adds a
 read-modify-write of the residual on top, so ~0.3-0.5 of the copy is already good for those rows.
 """
@@ -33,17 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from gradzip.compress.base import Compressor
-from gradzip.compress.fused import compensate_project_left, compensate_project_right, residual_expand
-from gradzip.compress.identity import Half
-from gradzip.compress.lowrank import orthogonalize
-from gradzip.compress.qsgd import QSGD
-from gradzip.compress.randomk import RandomK
-from gradzip.compress.sign import ScaledSign
-from gradzip.compress.topk import TopK, k_of
-from gradzip.config import LowRankConfig, QSGDConfig, RandomKConfig, SignConfig, TopKConfig
-from gradzip.feedback import ErrorFeedback
-from gradzip.reducer import is_matrix_worth_it, split_message
+from gradzip.comm.collectives import SoloComm
+from gradzip.compress.topk import k_of
+from gradzip.config import LowRankConfig, QSGDConfig, SignConfig, TopKConfig
+from gradzip.reducers.reducer import Bucket
+from gradzip.registry import get_spec, make_config
 from gradzip.train.models import MODELS, build_model
 
 __all__ = [
@@ -61,9 +53,6 @@ METHODS: tuple[str, ...] = ("sign", "topk", "randomk", "qsgd", "fp16", "powersgd
 # A method whose warm-up pass over the set takes longer than this is timed on a subset of the tensors: the
 # default run (ResNet-50 shapes, every method, 5 repeats) then stays around a minute on a 2-core CPU.
 PASS_BUDGET_S = 1.0
-
-Pass = Callable[[Sequence[int]], None]
-"""Runs one method's per-step work over the tensors at the given indices of the set."""
 
 
 @dataclass
@@ -121,149 +110,68 @@ def shape_sets(names: str | Sequence[str], max_numel: int | None = None) -> dict
 
 # ------------------------------------------------------------------------------------------ the passes
 
-
-def _elementwise_pass(
-    comp: Compressor,
-    error_feedback: bool,
-    keys: list[str],
-    grads: list[torch.Tensor],
-    outs: list[torch.Tensor],
-) -> Pass:
-    ef = ErrorFeedback() if error_feedback else None
-    gathered = not comp.caps.summable  # all-gathered payloads are decoded through ``aggregate``
-    step = 0
-
-    def run(idx: Sequence[int]) -> None:
-        nonlocal step
-        for i in idx:
-            g = grads[i].reshape(-1)
-            p = ef.compensate(keys[i], g) if ef is not None else g
-            comp.select_stream(keys[i], step)
-            payload, ctx = comp.encode(p)
-            if ef is not None:
-                comp.residual_(p, payload, ctx)
-            if gathered:
-                dense = comp.aggregate([t.unsqueeze(0) for t in payload], g.numel())
-            else:
-                dense = comp.decode(payload, ctx, g.numel())
-            outs[i].copy_(dense.view_as(outs[i]))
-        step += 1
-
-    return run
+# The methods of the table, by the registry method that ships each one.
+SHIPPED = {
+    "sign": "signsgd",
+    "topk": "topk",
+    "randomk": "randomk",
+    "qsgd": "qsgd",
+    "fp16": "fp16",
+    "powersgd": "powersgd",
+    "acpsgd": "acpsgd",
+}
 
 
-@dataclass(frozen=True)
-class _Matrix:
-    key: str
-    rows: int
-    cols: int
-    rank: int
-    compressed: bool  # else it travels raw, as the low-rank plans send matrices that would not shrink
+@dataclass
+class Pass:
+    """One method's per-step work over the tensors at given indices of the set: ``prepare`` (untimed) then
+    ``run`` (timed)."""
+
+    run: Callable[[Sequence[int]], None]
+    prepare: Callable[[Sequence[int]], None] = lambda idx: None
 
 
-def _matrices(keys: list[str], grads: list[torch.Tensor], cfg: LowRankConfig) -> list[_Matrix]:
-    mats = []
-    for key, g in zip(keys, grads, strict=True):
-        rows, cols = g.shape[0], g.numel() // g.shape[0]
-        r = min(cfg.rank, rows, cols)
-        sent = r * (rows + cols) * g.element_size()
-        worth = is_matrix_worth_it(g.shape, sent, cfg.min_compression_rate, g.element_size())
-        mats.append(_Matrix(key, rows, cols, r, worth))
-    return mats
+# Tensors are fused into buckets of up to this size, as DDP's default bucket_cap_mb does in training.
+BUCKET_BYTES = 25 * 2**20
 
 
-def _initial_factors(mats: list[_Matrix], like: torch.Tensor, seed: int) -> dict[int, torch.Tensor]:
-    # As LowRankReducer.initial_factor: drawn in float32 on the CPU, then moved.
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        i: torch.randn(m.cols, m.rank, generator=gen).to(device=like.device, dtype=like.dtype)
-        for i, m in enumerate(mats)
-        if m.compressed
-    }
+def _buckets_of(idx: Sequence[int], grads: list[torch.Tensor], keys: list[str]) -> list[Bucket]:
+    """The tensors at ``idx`` in buckets of up to ``BUCKET_BYTES`` (in order; a larger tensor is a bucket of its
+    own), the last one closing the step."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i in idx:
+        if groups[-1] and size + grads[i].nbytes > BUCKET_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += grads[i].nbytes
+    buckets = [Bucket.of([grads[i] for i in g], [keys[i] for i in g], is_last=False) for g in groups]
+    buckets[-1].is_last = True
+    return buckets
 
 
-def _split(idx: Sequence[int], mats: list[_Matrix]) -> tuple[list[int], list[int]]:
-    return [i for i in idx if mats[i].compressed], [i for i in idx if not mats[i].compressed]
+def _reducer_pass(method: str, keys: list[str], grads: list[torch.Tensor]) -> Pass:
+    """The registry method's reducer over a world of one, on DDP-sized buckets (see the module docstring)."""
+    reducer = get_spec(method).build(make_config(method), SoloComm())
+    cache: dict[tuple[int, ...], list[Bucket]] = {}
 
-
-def _acpsgd_pass(
-    cfg: LowRankConfig, keys: list[str], grads: list[torch.Tensor], outs: list[torch.Tensor]
-) -> Pass:
-    """ACP-SGD's P-step (see ``ACPSGD.launch``): Q^ = orth(Q); P^T = Q^T M^T into the message; e = M - P Q^T;
-    gradient = P Q^T. Only the P-step is timed: Q stays fixed, so every pass does the same work."""
-    mats = _matrices(keys, grads, cfg)
-    ef = ErrorFeedback()
-    q = _initial_factors(mats, grads[0], cfg.seed)
-    p: dict[int, torch.Tensor] = {}
+    def prepare(idx: Sequence[int]) -> None:
+        buckets = cache.get(tuple(idx))
+        if buckets is None:
+            cache[tuple(idx)] = _buckets_of(idx, grads, keys)
+            return
+        # The reducer wrote its result over the gradients last time.
+        for b in buckets:
+            for g, key in zip(b.grads, b.keys, strict=True):
+                g.copy_(grads[keys.index(key)])
 
     def run(idx: Sequence[int]) -> None:
-        comp, raw = _split(idx, mats)
-        sizes = [mats[i].rank * mats[i].rows for i in comp] + [grads[i].numel() for i in raw]
-        parts = split_message(grads[0].new_empty(sum(sizes)), sizes)
-        work = []
-        for part, i in zip(parts, comp, strict=False):
-            mat = mats[i]
-            e = ef.residual(mat.key, grads[i]).view(mat.rows, mat.cols)
-            basis_t = orthogonalize(q[i]).T.contiguous()
-            slot = compensate_project_right(e, grads[i].view(e.shape), basis_t, part.view(mat.rank, mat.rows))
-            work.append((e, basis_t, slot.clone()))
-        for part, i in zip(parts[len(comp) :], raw, strict=True):
-            part.copy_(grads[i].reshape(-1))
-        # (the all-reduce of the message would run here)
-        for part, (e, basis_t, mine), i in zip(parts, work, comp, strict=False):
-            mat = mats[i]
-            slot = part.view(mat.rank, mat.rows)
-            p[i] = slot.T.clone()
-            residual_expand(e, mine.T, basis_t, outs[i].view(mat.rows, mat.cols), slot.T, basis_t)
-        for part, i in zip(parts[len(comp) :], raw, strict=True):
-            outs[i].copy_(part.view_as(outs[i]))
+        futures = [reducer.launch(b) for b in cache[tuple(idx)]]
+        for fut in futures:
+            fut.wait()
 
-    return run
-
-
-def _powersgd_pass(
-    cfg: LowRankConfig, keys: list[str], grads: list[torch.Tensor], outs: list[torch.Tensor]
-) -> Pass:
-    """PowerSGD's step (see ``PowerSGD.launch`` and ``_finish_step``): P = M Q; P^ = orth(P); Q = M^T P^;
-    gradient = P^ Q^T; e = M - P^ Q^T; Q kept as the next warm start."""
-    mats = _matrices(keys, grads, cfg)
-    ef = ErrorFeedback()
-    q = _initial_factors(mats, grads[0], cfg.seed)
-
-    def run(idx: Sequence[int]) -> None:
-        comp, raw = _split(idx, mats)
-        sizes = [mats[i].rank * mats[i].rows for i in comp] + [grads[i].numel() for i in raw]
-        parts = split_message(grads[0].new_empty(sum(sizes)), sizes)
-        ms = []
-        for part, i in zip(parts, comp, strict=False):
-            mat = mats[i]
-            m = ef.residual(mat.key, grads[i]).view(mat.rows, mat.cols)
-            compensate_project_right(
-                m, grads[i].view(m.shape), q[i].T.contiguous(), part.view(mat.rank, mat.rows)
-            )
-            ms.append(m)
-        for part, i in zip(parts[len(comp) :], raw, strict=True):
-            part.copy_(grads[i].reshape(-1))
-        # (round 1: the all-reduce of P)
-        for part, i in zip(parts[len(comp) :], raw, strict=True):
-            outs[i].copy_(part.view_as(outs[i]))
-        phats = [
-            orthogonalize(part.view(mats[i].rank, mats[i].rows).T)
-            for part, i in zip(parts, comp, strict=False)
-        ]
-        q_sizes = [mats[i].cols * mats[i].rank for i in comp]
-        q_slots = [
-            compensate_project_left(m, None, ph, part.view(mats[i].rank, mats[i].cols))
-            for part, m, ph, i in zip(
-                split_message(grads[0].new_empty(sum(q_sizes)), q_sizes), ms, phats, comp, strict=True
-            )
-        ]
-        # (round 2: the all-reduce of Q)
-        for q_t, ph, m, i in zip(q_slots, phats, ms, comp, strict=True):
-            residual_expand(m, ph, q_t, outs[i].view(m.shape))
-            q[i] = q_t.T.clone()
-
-    return run
+    return Pass(run, prepare)
 
 
 def _topk_reference_pass(density: float, grads: list[torch.Tensor]) -> Pass:
@@ -272,7 +180,7 @@ def _topk_reference_pass(density: float, grads: list[torch.Tensor]) -> Pass:
             x = grads[i].reshape(-1)
             torch.topk(x.abs(), k_of(density, x.numel()), sorted=False)
 
-    return run
+    return Pass(run)
 
 
 def _copy_pass(grads: list[torch.Tensor], outs: list[torch.Tensor]) -> Pass:
@@ -281,40 +189,34 @@ def _copy_pass(grads: list[torch.Tensor], outs: list[torch.Tensor]) -> Pass:
         for i in idx:
             outs[i].copy_(grads[i])
 
-    return run
+    return Pass(run)
 
 
-def _make_pass(
-    method: str, keys: list[str], grads: list[torch.Tensor], outs: list[torch.Tensor]
-) -> tuple[Pass, str]:
+def _note(method: str) -> str:
+    """What the row runs: the shipped method's defaults that decide its cost."""
+    if method == REFERENCE:
+        return f"selection only, k = ceil({TopKConfig().density:g} numel)"
+    cfg = make_config(SHIPPED[method])
+    if isinstance(cfg, LowRankConfig):
+        steps = "both rounds" if method == "powersgd" else "P- and Q-steps alternating"
+        return f"rank {cfg.rank}, EF, {steps}"
+    if isinstance(cfg, QSGDConfig):
+        return (
+            f"{cfg.levels} levels, {'EF' if cfg.error_feedback else 'no EF (default)'}, all-gather aggregate"
+        )
+    if isinstance(cfg, TopKConfig):  # random-k's config is top-k's with another density
+        decode = "summed decode" if method == "randomk" else "all-gather aggregate"
+        return f"density {cfg.density:g}, EF, {decode}"
+    if isinstance(cfg, SignConfig):
+        return "EF, all-gather aggregate"
+    return "no EF (plain all-reduce)"
+
+
+def _make_pass(method: str, keys: list[str], grads: list[torch.Tensor]) -> tuple[Pass, str]:
     """The pass of ``method`` and its note, with the options every method has by default."""
     if method == REFERENCE:
-        density = TopKConfig().density
-        return _topk_reference_pass(density, grads), f"selection only, k = ceil({density:g} numel)"
-    if method in ("powersgd", "acpsgd"):
-        cfg = LowRankConfig()
-        if method == "powersgd":
-            return _powersgd_pass(cfg, keys, grads, outs), f"rank {cfg.rank}, EF, both rounds"
-        return _acpsgd_pass(cfg, keys, grads, outs), f"rank {cfg.rank}, EF, P-step"
-    comp: Compressor
-    if method == "sign":
-        comp, ef, note = ScaledSign(SignConfig().majority_vote), True, "EF, all-gather aggregate"
-    elif method == "topk":
-        density = TopKConfig().density
-        comp, ef, note = TopK(density), True, f"density {density:g}, EF, all-gather aggregate"
-    elif method == "randomk":
-        density = RandomKConfig().density
-        comp, ef, note = RandomK(density), True, f"density {density:g}, EF, summed decode"
-    elif method == "qsgd":
-        cfg_q = QSGDConfig()
-        ef = cfg_q.error_feedback
-        ef_note = "EF" if ef else "no EF (default)"
-        comp, note = QSGD(cfg_q.levels), f"{cfg_q.levels} levels, {ef_note}, all-gather aggregate"
-    elif method == "fp16":
-        comp, ef, note = Half(), False, "no EF (plain all-reduce)"
-    else:  # run_kernels validated the name
-        raise AssertionError(method)
-    return _elementwise_pass(comp, ef, keys, grads, outs), note
+        return _topk_reference_pass(TopKConfig().density, grads), _note(method)
+    return _reducer_pass(SHIPPED[method], keys, grads), _note(method)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -326,26 +228,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(run: Pass, idx: Sequence[int], device: torch.device) -> float:
+def _timed(work: Pass, idx: Sequence[int], device: torch.device) -> float:
+    work.prepare(idx)
     _sync(device)
     t0 = time.perf_counter()
-    run(idx)
+    work.run(idx)
     _sync(device)
     return time.perf_counter() - t0
 
 
 def _measure(
-    run: Pass, numels: list[int], repeats: int, device: torch.device, budget_s: float | None
+    work: Pass, numels: list[int], repeats: int, device: torch.device, budget_s: float | None
 ) -> tuple[float, str]:
     """Median seconds of one pass over the whole set, and a note if it was extrapolated from a subset."""
     everything = list(range(len(numels)))
-    warm = _timed(run, everything, device)  # also allocates every tensor's residual and factors
+    warm = _timed(work, everything, device)  # also allocates every tensor's residual and factors
     if budget_s is None or warm <= budget_s or len(numels) == 1:
-        return statistics.median(_timed(run, everything, device) for _ in range(repeats)), ""
+        return statistics.median(_timed(work, everything, device) for _ in range(repeats)), ""
     # Every stride-th tensor (deterministic, and spread over the model's depth), scaled by element count.
     subset = everything[:: max(2, math.ceil(warm / budget_s))]
     sub_numel, total = sum(numels[i] for i in subset), sum(numels)
-    seconds = statistics.median(_timed(run, subset, device) for _ in range(repeats)) * total / sub_numel
+    seconds = statistics.median(_timed(work, subset, device) for _ in range(repeats)) * total / sub_numel
     note = (
         f"timed on {len(subset)} of {len(numels)} tensors ({100 * sub_numel / total:.0f}% of elements), "
         "scaled by element count"
@@ -428,8 +331,8 @@ def _run(
     copy_gbps = nbytes / copy_seconds / 1e9
     results = []
     for method in chosen:
-        run, note = _make_pass(method, keys, grads, outs)
-        seconds, sub_note = _measure(run, numels, repeats, dev, pass_budget_s)
+        work, note = _make_pass(method, keys, grads)
+        seconds, sub_note = _measure(work, numels, repeats, dev, pass_budget_s)
         gbps = nbytes / seconds / 1e9
         results.append(
             KernelResult(
@@ -443,7 +346,7 @@ def _run(
                 note="; ".join(n for n in (note, sub_note) if n),
             )
         )
-        del run  # frees the method's residuals and factors before the next one allocates its own
+        del work  # frees the method's residuals and factors before the next one allocates its own
     return results
 
 

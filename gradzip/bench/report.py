@@ -8,18 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradzip.util import format_bytes
+
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{1000 * v:.0f}"
-
-
-def _bytes(v: float | None) -> str:
-    if v is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if v >= size:
-            return f"{v / size:.1f} {unit}"
-    return f"{v:.0f} B"
 
 
 def _ratio(v: float | None) -> str:
@@ -59,8 +52,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             where
             + f"| {_ms(r['median_s'])} ({_ms(r['p10_s'])}-{_ms(r['p90_s'])}) | {_ratio(r.get('vs_floor'))} "
             f"| {_ratio(r.get('speedup_vs_ssgd'))} | {_ms(r['forward_backward_s'])} | {_ms(r['compress_s'])} "
-            f"| {_ms(r['wait_s'])} | {_ms(r['optimizer_s'])} | {_bytes(r['bytes_sent_per_step'])} "
-            f"| {_bytes(r['bytes_received_per_step'])} | {r['samples_per_s']:.0f} |"
+            f"| {_ms(r['wait_s'])} | {_ms(r['optimizer_s'])} | {format_bytes(r['bytes_sent_per_step'])} "
+            f"| {format_bytes(r['bytes_received_per_step'])} | {r['samples_per_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradzip.bench.worker import RIVALS, BenchSpec
+from gradzip.bench.worker import RIVALS, BenchSpec, Measurement
+from gradzip.registry import get_spec, make_config
 from gradzip.registry import methods as registry_methods
+from gradzip.train.models import MODELS
+from gradzip.util import free_port, last_line
 
 LOW_RANK = ("powersgd", "acpsgd", "torch-powersgd")
 DEFAULT_METHODS = ["floor", "ssgd", "signsgd", "topk", "powersgd", "torch-powersgd", "acpsgd"]
@@ -52,8 +54,6 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
         if set(options) - {"rank"}:
             raise ValueError(f"{name} takes no options but rank; got {', '.join(options)}")
     else:
-        from gradzip.registry import make_config
-
         make_config(name, **options)
     return name, options
 
@@ -70,8 +70,8 @@ def _option_value(text: str) -> Any:
 
 
 @dataclass
-class Grid:
-    """What to sweep. Every list is one axis of the grid."""
+class Grid(Measurement):
+    """What to sweep. Every list is one axis of the grid; the rest is how each configuration is measured."""
 
     models: list[str] = field(default_factory=lambda: ["wide_mlp"])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -80,20 +80,11 @@ class Grid:
     batch_sizes: list[int] = field(default_factory=lambda: [32])
     ranks: list[int] = field(default_factory=lambda: [4])
     bucket_caps_mb: list[float] = field(default_factory=lambda: [25.0])
-    latency: str = "0ms"
-    warmup: int = 3
-    iters: int = 10
-    image_size: int = 32
-    seq_len: int = 32
-    timeout: float = 300.0
     rounds: int = 1
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for m in self.methods:
             parse_method(m)
-        from gradzip.train.models import MODELS
-
         for model in self.models:
             if model not in MODELS:
                 raise ValueError(f"unknown model {model!r}; valid models: {', '.join(sorted(MODELS))}")
@@ -108,8 +99,6 @@ class Grid:
 
             if not torch.cuda.is_available():
                 raise ValueError("device='cuda' requested but CUDA is not available")
-            from gradzip.registry import get_spec
-
             for text in self.methods:
                 name, _ = parse_method(text)
                 if name not in RIVALS and (get_spec(name).kind != "hook" or "placement=server" in text):
@@ -142,24 +131,22 @@ class Grid:
                     options = {**given, "rank": rank} if rank is not None else given
                     out.append(
                         BenchSpec(
+                            **self.measurement(),
                             model=model,
                             method=method,
                             options=options,
                             workers=workers,
                             bandwidth=bandwidth,
-                            latency=self.latency,
                             batch_size=batch,
-                            warmup=self.warmup,
-                            iters=self.iters,
                             bucket_cap_mb=cap,
-                            image_size=self.image_size,
-                            seq_len=self.seq_len,
-                            timeout=self.timeout,
                             round=rnd,
-                            device=self.device,
-                        )
+                        )  # fmt: skip
                     )
         return out
+
+    def measurement(self) -> dict[str, Any]:
+        """This grid's settings that every configuration shares."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Measurement)}
 
 
 def group_key(spec: dict[str, Any]) -> tuple[Any, ...]:
@@ -184,18 +171,12 @@ def add_references(results: list[dict[str, Any]]) -> None:
         r["vs_floor"] = r["median_s"] / ref["floor"] if "floor" in ref else None
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, log_dir: Path) -> str | None:
     """``argv`` as ``workers`` processes, rank r on host r of ``cluster``, with torchrun's environment.
 
     Returns None when every process succeeded, else a one-line reason naming the failed rank."""
     # Loopback when the workers share the root namespace; inside namespaces any port is free in host 0's.
-    port = _free_loopback_port() if cluster.hosts[0].netns is None else random.randint(20000, 60000)
+    port = free_port() if cluster.hosts[0].netns is None else random.randint(20000, 60000)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     timed_out = False
@@ -245,8 +226,7 @@ def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, 
     if failed is None and not timed_out:
         return None
     reason = f"timed out after {timeout:.0f} s" if timed_out else f"rank {failed} failed"
-    lines = [ln for ln in texts[failed or 0].splitlines() if ln.strip()]
-    return f"{reason}: {lines[-1] if lines else 'no output'}"
+    return f"{reason}: {last_line(texts[failed or 0]) or 'no output'}"
 
 
 def run_spec(spec: BenchSpec, cluster: Any, log_dir: Path) -> dict[str, Any]:
@@ -266,7 +246,8 @@ def run_grid(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every configuration; results are saved after each one, so an interrupted run loses nothing."""
-    from gradzip.bench.cluster import EmulatedCluster, check_can_emulate
+    from gradzip.bench.cluster import EmulatedCluster
+    from gradzip.bench.network import check_can_emulate
 
     specs = grid.specs()
     for bandwidth in {s.bandwidth for s in specs}:
@@ -326,7 +307,7 @@ def _run_spec_with_torchrun(spec: BenchSpec, rank: int, world: int, out: Path) -
             "error": f"needs {spec.processes()} processes ({spec.servers()} of them servers); torchrun "
             f"started {world}",
         }
-    box: list[Any] = [_free_loopback_port() if rank == 0 else None]
+    box: list[Any] = [free_port() if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     # A rendezvous of the configuration's own, on a fresh port: not the torchrun agent's store, which the
     # worker would otherwise join as a client (TORCHELASTIC_USE_AGENT_STORE) and wait on forever.
@@ -335,8 +316,7 @@ def _run_spec_with_torchrun(spec: BenchSpec, rank: int, world: int, out: Path) -
     argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=spec.timeout + 60)
-        lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
-        status = (done.returncode, lines[-1] if lines else "no output")
+        status = (done.returncode, last_line(done.stdout + done.stderr) or "no output")
     except subprocess.TimeoutExpired:
         status = (-1, f"timed out after {spec.timeout + 60:.0f} s")
     everyone: list[Any] = [None] * world

@@ -2,26 +2,36 @@
 network is emulated): ``python -m gradzip.bench.worker SPEC_JSON OUT_PATH``, rank and rendezvous from the
 environment as torchrun sets them.
 
-Each iteration is timed in parts: forward+backward (which runs the hooks and waits for communication), the
-optimizer, and for the decentralized methods the gossip after it. The gradzip hooks also report how long they computed and how long they were blocked on
-collectives, which splits backward into compute, compression and communication wait.
+It trains with the same loop as ``gradzip train`` (``gradzip.train.loop.run_steps``) on one synthetic batch,
+and reports the loop's timing in parts: forward+backward, compression, communication wait and the optimizer.
+A gradzip hook reports how long it computed and how long it was blocked on collectives, which splits backward
+into compute, compression and communication wait; the parameter-server and gossip exchanges are timed where
+they run, after backward and after the optimizer.
 """
 
 # No `from __future__ import annotations`: DDP checks the floor hook's annotations as real objects.
 import dataclasses
+import itertools
 import json
 import os
 import statistics
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradzip.integrations.paramserver import serve
+from gradzip.registry import family, make_config, servers_needed
+from gradzip.train.env import threads_per_worker
+from gradzip.train.exchange import Exchange, HookExchange, Settings, build_exchange
+from gradzip.train.loop import run_steps
+from gradzip.train.models import build_model
+from gradzip.train.records import StepRecord
 
 # Not registry methods, but measured beside them: the floor has communication switched off (no method can
 # beat it), and torch-powersgd is torch's own powerSGD_hook at the same rank.
@@ -32,7 +42,25 @@ LR, MOMENTUM = 1e-4, 0.9
 
 
 @dataclass
-class BenchSpec:
+class Measurement:
+    """How every configuration of a grid is measured (the settings that are not axes of the grid)."""
+
+    latency: str = "0ms"
+    """One-way delay added to each emulated link."""
+    warmup: int = 3
+    """Iterations before measuring."""
+    iters: int = 10
+    """Measured iterations."""
+    image_size: int = 32
+    seq_len: int = 32
+    timeout: float = 300.0
+    """Seconds a configuration may take."""
+    device: str = "cpu"
+    """``cuda``: each worker trains on GPU ``LOCAL_RANK % device_count`` (gloo carries CUDA tensors)."""
+
+
+@dataclass
+class BenchSpec(Measurement):
     """One configuration: a model, a method and a cluster shape, measured in fresh processes."""
 
     model: str = "wide_mlp"
@@ -40,28 +68,17 @@ class BenchSpec:
     options: dict[str, Any] = field(default_factory=dict)
     workers: int = 4
     bandwidth: str = "1gbit"
-    latency: str = "0ms"
     batch_size: int = 32
-    warmup: int = 3
-    iters: int = 10
     bucket_cap_mb: float = 25.0
-    image_size: int = 32
-    seq_len: int = 32
     seed: int = 0
-    timeout: float = 300.0
     round: int = 0
     """Which repetition of the grid this is (``--rounds``): references come from the same round."""
-    device: str = "cpu"
-    """``cuda``: each worker trains on GPU ``LOCAL_RANK % device_count`` (gloo carries CUDA tensors)."""
 
     def servers(self) -> int:
         """Dedicated parameter-server processes beside the workers (DoubleSqueeze's server placements)."""
         if self.method in RIVALS:
             return 0
-        from gradzip.registry import make_config
-        from gradzip.train.paramserver import server_count
-
-        return server_count(self.method, make_config(self.method, **self.options).to_dict())
+        return servers_needed(self.method, make_config(self.method, **self.options).to_dict())
 
     def processes(self) -> int:
         return self.workers + self.servers()
@@ -93,12 +110,13 @@ def _floor_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[
     return fut
 
 
-def attach(model: DDP, spec: BenchSpec) -> Any:
-    """Register the configuration's hook; returns gradzip's HookState, or None for the rivals."""
-    if spec.method == "floor":
-        model.register_comm_hook(None, _floor_hook)
-        return None
-    if spec.method == "torch-powersgd":
+def _rival(spec: BenchSpec) -> Callable[[DDP], None]:
+    """Registers a rival's hook (its work is not gradzip's, so it goes unmeasured)."""
+
+    def register(model: DDP) -> None:
+        if spec.method == "floor":
+            model.register_comm_hook(None, _floor_hook)
+            return
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
 
         psgd = torch_psgd.PowerSGDState(
@@ -108,20 +126,32 @@ def attach(model: DDP, spec: BenchSpec) -> Any:
             min_compression_rate=2,
         )
         model.register_comm_hook(psgd, torch_psgd.powerSGD_hook)
-        return None
-    import gradzip
 
-    state, hook = gradzip.ddp_hook(spec.method, model=model, **spec.options)
-    model.register_comm_hook(state, hook)
-    return state
+    return register
+
+
+def exchange(
+    spec: BenchSpec, model: torch.nn.Module, device: torch.device, group: dist.ProcessGroup | None
+) -> Exchange:
+    """The configuration's exchange: a rival's hook, or the method's own family as ``gradzip train`` runs it."""
+    if spec.method in RIVALS:
+        # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
+        cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
+        return HookExchange(model, device, Settings(spec.method, {}, LR, MOMENTUM, cap), _rival(spec))
+    options = dict(spec.options)
+    if family(spec.method, options) == "gossip":
+        options["metrics"] = (
+            False  # the consensus metric is a collective outside the method, as in production
+        )
+    run = Settings(spec.method, options, LR, MOMENTUM, spec.bucket_cap_mb, spec.timeout)
+    return build_exchange(model, device, run, group)
 
 
 def run(spec: BenchSpec) -> dict[str, Any] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # The processes on this host share its cores: one share each avoids oversubscription (on the emulated
     # cluster every process is on this machine; under torchrun, LOCAL_WORLD_SIZE of them are).
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(threads_per_worker())
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.timeout))
     try:
         if not spec.servers():
@@ -129,8 +159,6 @@ def run(spec: BenchSpec) -> dict[str, Any] | None:
         # The last ranks serve until every worker has closed; the workers' results travel on their own group.
         group = dist.new_group(list(range(spec.workers)))
         if rank >= spec.workers:
-            from gradzip.comm.paramserver import serve
-
             serve()
             return None
         return _measure(spec, rank, spec.workers, group)
@@ -138,65 +166,9 @@ def run(spec: BenchSpec) -> dict[str, Any] | None:
         dist.destroy_process_group()
 
 
-class _Gossiping:
-    """A decentralized method in the benchmark's loop: no DDP; the gossip runs after the optimizer step."""
-
-    def __init__(self, model: nn.Module, spec: BenchSpec) -> None:
-        from gradzip.gossip.config import build_gossip
-        from gradzip.registry import make_config
-
-        # The consensus metric is a collective outside the method: off, as in a production run.
-        cfg = make_config(spec.method, **{**spec.options, "metrics": False})
-        self.gossip = build_gossip(spec.method, model, cfg, timeout=timedelta(seconds=spec.timeout))
-        self.seconds = 0.0
-
-    def counters(self) -> tuple[float, float, int, int]:
-        """Seconds in the gossip so far, seconds of it blocked on neighbours, bytes sent and received."""
-        return (
-            self.seconds,
-            self.gossip.comm.wait_s,
-            self.gossip.stats.bytes_sent,
-            self.gossip.stats.bytes_received,
-        )
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        self.gossip.step()
-        self.seconds += time.perf_counter() - start
-
-
-class _Serving:
-    """DoubleSqueeze through dedicated servers: no DDP; the push and the reply follow backward. The
-    asynchronous variant's servers run the optimizer, so its workers have none."""
-
-    def __init__(self, model: nn.Module, spec: BenchSpec) -> None:
-        from gradzip.comm.paramserver import PSWorker
-        from gradzip.registry import get_spec
-
-        self.asynchronous = get_spec(spec.method).kind == "server"
-        options = {k: v for k, v in spec.options.items() if k not in ("servers", "placement")}
-        extra: dict[str, Any] = {"lr": LR, "momentum": MOMENTUM} if self.asynchronous else {}
-        self.ps = PSWorker(
-            model, spec.method, servers=spec.servers(), timeout=spec.timeout, **extra, **options
-        )
-        self.seconds = 0.0
-
-    def counters(self) -> tuple[float, float, int, int]:
-        """Seconds in the exchange so far, seconds of it blocked on servers, bytes sent and received."""
-        return self.seconds, self.ps.wait_s, self.ps.stats.bytes_sent, self.ps.stats.bytes_received
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        self.ps.step()
-        self.seconds += time.perf_counter() - start
-
-
 def _measure(
     spec: BenchSpec, rank: int, world: int, group: dist.ProcessGroup | None
 ) -> dict[str, Any] | None:
-    from gradzip.registry import get_spec
-    from gradzip.train.models import build_model
-
     device = torch.device("cpu")
     if spec.device == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -205,90 +177,28 @@ def _measure(
     x, y = x.to(device), y.to(device)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, input_shape, 10).to(device)
-    kind = "hook" if spec.method in RIVALS else get_spec(spec.method).kind
-    module: nn.Module = model
-    state, gossip, serving = None, None, None
-    if kind == "gossip":
-        gossip = _Gossiping(model, spec)
-    elif spec.servers():
-        serving = _Serving(model, spec)
-    else:
-        # torch's powerSGD_hook only runs on gloo with a single bucket (see BENCHMARKS.md): give it one.
-        cap = 1e6 if spec.method == "torch-powersgd" else spec.bucket_cap_mb
-        module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
-        state = attach(module, spec)
-
-    def counters() -> tuple[float, float, int, int] | None:
-        """Time in gradzip's communication code, time of it blocked, bytes sent and received, so far."""
-        if gossip is not None:
-            return gossip.counters()
-        if serving is not None:
-            return serving.counters()
-        if state is None:
-            return None
-        return state.hook_s, state.reducer.wait_s, state.stats.bytes_sent, state.stats.bytes_received
-
-    opt = torch.optim.SGD(module.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def now() -> float:
-        """The time once the GPU has finished what was queued (kernels run asynchronously)."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    rows = []
-    for it in range(spec.warmup + spec.iters):
-        before = counters()
-        t0 = now()
-        opt.zero_grad(set_to_none=False)
-        loss = nn.functional.cross_entropy(module(x), y)
-        loss.backward()
-        t2 = now()
-        if serving is not None:
-            serving.step()  # replaces the gradients (synchronous) or the parameters (asynchronous)
-        t_exchanged = now()
-        if serving is None or not serving.asynchronous:
-            opt.step()
-        t3 = now()
-        if gossip is not None:
-            gossip.step()  # adapt, then combine with the neighbours (D-PSGD's order)
-        t4 = now()
-        if it < spec.warmup:
-            continue
-        row = {"iteration": t4 - t0, "compute": t2 - t0, "optimizer": t3 - t_exchanged}
-        after = counters()
-        if before is not None and after is not None:
-            spent, blocked = after[0] - before[0], after[1] - before[1]
-            row.update(
-                compress=spent - blocked,
-                wait=blocked,
-                bytes_sent=after[2] - before[2],
-                bytes_received=after[3] - before[3],
-            )
-            if state is not None:  # a hook runs inside backward: forward+backward without the hook's work
-                row["compute"] -= spent
-        rows.append(row)
-    if serving is not None:
-        serving.ps.close()  # the servers return once every worker has closed
+    ex = exchange(spec, model, device, group)
+    result = run_steps(ex, itertools.repeat((x, y), spec.warmup + spec.iters), device)
+    ex.close()  # the servers return once every worker has closed
     everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, rows, group=group)
+    dist.all_gather_object(everyone, result.records[spec.warmup :], group=group)
     if rank != 0:
         return None
     return summarize(spec, everyone)
 
 
-def summarize(spec: BenchSpec, per_rank: list[list[dict[str, float]]]) -> dict[str, Any]:
+def summarize(spec: BenchSpec, per_rank: list[list[StepRecord]]) -> dict[str, Any]:
     """An iteration lasts as long as its slowest worker; parts and bytes are averaged over workers."""
-    iters = [max(r[i]["iteration"] for r in per_rank) for i in range(len(per_rank[0]))]
+    iters = [max(r[i].time for r in per_rank) for i in range(len(per_rank[0]))]
     med = statistics.median(iters)
 
     def part(name: str) -> float | None:
-        if name not in per_rank[0][0]:
+        if getattr(per_rank[0][0], name) is None:
             return None
-        return statistics.mean(statistics.median(row[name] for row in r) for r in per_rank)
+        return statistics.mean(statistics.median(getattr(row, name) for row in r) for r in per_rank)
 
-    # "compute" (forward+backward without a hook's own work) is formed per iteration: a difference of
-    # medians could go negative, the median of differences cannot.
+    # "compute" (forward+backward without a hook's own work) is formed per iteration by the loop: a
+    # difference of medians could go negative, the median of differences cannot.
     parts = {name: part(name) for name in ("compute", "optimizer", "compress", "wait")}
     compress, wait = parts["compress"], parts["wait"]
     out: dict[str, Any] = {

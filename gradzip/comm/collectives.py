@@ -56,20 +56,20 @@ class Comm:
     def all_reduce(self, t: torch.Tensor) -> Future[torch.Tensor]:
         """Sum ``t`` over workers, in place, asynchronously; the future holds ``t``."""
         self._record("all_reduce", t, t.nbytes)
-        work = dist.all_reduce(t, group=self.group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda _: t)
+        return self._all_reduce(t)
 
     def all_to_all(self, t: torch.Tensor) -> Future[torch.Tensor]:
         """Row ``j`` of ``t`` (``[world, ...]``) goes to worker ``j``; row ``i`` of the result came from
         worker ``i``. A worker's own row never leaves it, so it is not counted."""
-        out = torch.empty_like(t)
         row = t[0].nbytes if len(t) else 0
         self._record("all_to_all", t, row * (self.world - 1))
         self.stats.bytes_sent -= row  # _record counted the whole tensor; the own row stays here
-        work = dist.all_to_all_single(out, t, group=self.group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda _: out)
+        return self._all_to_all(t)
+
+    def all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        """Every worker's ``t`` stacked as ``[world, *t.shape]``, asynchronously."""
+        self._record("all_gather", t, t.nbytes * (self.world - 1))
+        return self._all_gather(t)
 
     def isend(self, t: torch.Tensor, dst: int) -> dist.Work:
         """Send ``t`` to global rank ``dst`` (point-to-point, parameter servers)."""
@@ -80,17 +80,52 @@ class Comm:
         assert work is not None
         return work
 
-    def irecv(self, t: torch.Tensor, src: int) -> dist.Work:
-        """Receive into ``t`` from global rank ``src``."""
+    def irecv(self, t: torch.Tensor, src: int | None = None) -> dist.Work:
+        """Receive into ``t`` from global rank ``src`` (None: from whichever rank sends first)."""
         self.stats.bytes_received += t.nbytes
         work = dist.irecv(t, src, group=self.group)
         assert work is not None
         return work
 
-    def all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
-        """Every worker's ``t`` stacked as ``[world, *t.shape]``, asynchronously."""
+    # The transport itself: what a world of one (SoloComm) replaces.
+    def _all_reduce(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda _: t)
+
+    def _all_to_all(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        out = torch.empty_like(t)
+        work = dist.all_to_all_single(out, t, group=self.group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda _: out)
+
+    def _all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
         out = torch.empty((self.world, *t.shape), dtype=t.dtype, device=t.device)
-        self._record("all_gather", t, t.nbytes * (self.world - 1))
         work = _all_gather_single(out.view(-1), t.reshape(-1), group=self.group, async_op=True)
         assert work is not None
         return work.get_future().then(lambda _: out)
+
+
+def _done(t: torch.Tensor) -> Future[torch.Tensor]:
+    fut: Future[torch.Tensor] = Future()
+    fut.set_result(t)
+    return fut
+
+
+@dataclass
+class SoloComm(Comm):
+    """A world of one without a process group: every collective completes at once with what a one-worker
+    group returns, and is counted like any other. The kernel benchmark runs the real reducers through it, so
+    it times the code that ships with the collectives left out."""
+
+    def __post_init__(self) -> None:
+        self.world, self.rank = 1, 0
+
+    def _all_reduce(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        return _done(t)
+
+    def _all_to_all(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        return _done(t.clone())
+
+    def _all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
+        return _done(t.reshape(1, *t.shape).clone())

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gradzip.comm.collectives import CommStats
-from gradzip.fusion import ByteLayout
+from gradzip.compress.fusion import ByteLayout
 
 
 class NeighbourExchange:

@@ -52,6 +52,14 @@ class Compressor:
         self._seed = seed
         self._position(seed)
 
+    def independent_per_rank(self, rank: int) -> None:
+        """Give worker ``rank`` a stream of its own, unless every worker must draw the same numbers.
+
+        Independent randomness per worker (QSGD's rounding) keeps the aggregate unbiased; a compressor with
+        shared randomness (random-k's indices) keeps the seed every worker agrees on."""
+        if not self.caps.shared_randomness:
+            self.reseed(self._seed * 1_000_003 + rank)
+
     def select_stream(self, key: str, step: int) -> None:
         """Position the generator for tensor ``key`` at ``step``.
 
@@ -126,3 +134,26 @@ class Compressor:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator.set_state(sd["generator"])
+
+
+def check_pairing(
+    compressor: Compressor, pattern: str, *, fixed_size: bool = True, float32: bool = False
+) -> None:
+    """Refuse, when a method is built, a compressor that ``pattern`` cannot carry (rather than a hang or a size
+    mismatch at the first step): every pattern runs one round per step; ``fixed_size`` patterns lay payloads
+    out in advance (an all-gather, DoubleSqueeze's rows, point-to-point messages); ``float32`` patterns fuse
+    summable payloads into one float32 all-reduce."""
+    caps, name = compressor.caps, compressor.name
+    if caps.rounds != 1:
+        raise ValueError(f"{pattern} needs a one-round compressor; {name!r} has {caps.rounds} rounds")
+    if fixed_size and not caps.fixed_size:
+        raise ValueError(f"{pattern} needs fixed-size payloads; {name!r} has variable-size ones")
+    if float32 and any(dt != torch.float32 for dt, _ in compressor.payload_spec(8)):
+        raise ValueError(
+            f"{pattern} fuses summable payloads into a float32 all-reduce; {name!r}'s payload is not float32"
+        )
+
+
+def is_matrix_worth_it(shape: torch.Size, payload_bytes: int, min_rate: float, itemsize: int = 4) -> bool:
+    """1-D tensors always travel raw; a matrix only when compression saves at least ``min_rate``."""
+    return len(shape) >= 2 and shape.numel() * itemsize >= min_rate * payload_bytes

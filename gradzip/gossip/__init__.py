@@ -7,9 +7,9 @@ for x, y in data:
 g.last_consensus_distance; g.stats; g.state_dict()
 """
 
+from gradzip.comm.topology import TOPOLOGIES, Topology, make_topology
 from gradzip.gossip.choco import Choco
 from gradzip.gossip.dpsgd import DPSGD
 from gradzip.gossip.powergossip import PowerGossip
-from gradzip.gossip.topology import TOPOLOGIES, Topology, make_topology
 
 __all__ = ["DPSGD", "TOPOLOGIES", "Choco", "PowerGossip", "Topology", "make_topology"]

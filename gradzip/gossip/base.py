@@ -17,7 +17,7 @@ from torch import nn
 
 from gradzip.comm.collectives import CommStats
 from gradzip.comm.neighbours import NeighbourExchange
-from gradzip.gossip.topology import Topology, make_topology
+from gradzip.comm.topology import Topology, make_topology
 
 
 class Gossip:

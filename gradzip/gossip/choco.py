@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradzip.compress.base import check_pairing
+from gradzip.config import check, make_compressor
 from gradzip.gossip.base import Gossip
 
 
@@ -38,18 +40,12 @@ class Choco(Gossip):
         timeout: timedelta | None = None,
         **compressor_options: Any,
     ) -> None:
-        # Imported here: the registry imports gradzip.gossip's configs, so a top-level import would be a cycle.
-        from gradzip.registry import make_compressor
-
+        """``compressor_options``: the compressor's own (``density``, ``levels``, ``seed``, ``majority_vote``...)."""
         super().__init__(model, topology, process_group=process_group, metrics=metrics, timeout=timeout)
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma={gamma!r} is invalid: gamma must be in (0, 1]")
+        check(0.0 < gamma <= 1.0, "gamma", gamma, "in (0, 1]")
         self.gamma = gamma
         self.compressor = make_compressor(compressor, **compressor_options)
-        if not self.compressor.caps.fixed_size:
-            raise ValueError(
-                f"compressor {compressor!r} has a variable size; Choco's messages need a fixed one"
-            )
+        check_pairing(self.compressor, "choco")  # the neighbours' receive buffers are laid out in advance
         self.raw = make_compressor("identity")
         # x^ of this worker and of each neighbour, per parameter; all start at zero on every worker.
         self.public: dict[int, dict[str, torch.Tensor]] = {

@@ -21,14 +21,13 @@ by the edge and the parameter name; with warm start the projection just received
 from __future__ import annotations
 
 import zlib
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gradzip.compress.lowrank import orthogonalize
+from gradzip.config import check
 from gradzip.gossip.base import Gossip
 
 
@@ -50,14 +49,13 @@ class PowerGossip(Gossip):
         rank: int = 1,
         iterations: int = 1,
         warm_start: bool = True,
-        process_group: dist.ProcessGroup | None = None,
-        metrics: bool = True,
-        timeout: timedelta | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(model, topology, process_group=process_group, metrics=metrics, timeout=timeout)
+        """``common``: the options every gossip method takes (``process_group``, ``metrics``, ``timeout``)."""
+        super().__init__(model, topology, **common)
         for key, value in (("rank", rank), ("iterations", iterations)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key}={value!r} is invalid: {key} must be an integer >= 1")
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            check(ok, key, value, "an integer >= 1")
         self.rank_r, self.iterations, self.warm_start = rank, iterations, warm_start
         self.matrices = [name for name, p in self.params.items() if self.is_matrix(p)]
         self.vectors_1d = [name for name, p in self.params.items() if not self.is_matrix(p)]

@@ -1,7 +1,7 @@
 """Starting the workers of a training run: spawned locally through torch's elastic launcher, or, under torchrun,
 the current process is itself one of the workers.
 
-Either way the workers run ``gradzip.train.loop.run_worker`` with the same env:// rendezvous, so a run started
+Either way the workers run ``gradzip.train.worker.run_worker`` with the same env:// rendezvous, so a run started
 by ``gradzip train --workers 4`` and one started by ``torchrun --nproc-per-node 4 -m gradzip train`` execute
 the same code.
 """
@@ -12,15 +12,21 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradzip.train.loop import TrainConfig, run_worker
+from gradzip.registry import servers_needed
+from gradzip.train.config import TrainConfig
+from gradzip.train.env import under_torchrun
+from gradzip.train.summary import RunSummary
+from gradzip.train.worker import run_worker
+from gradzip.util import free_port, last_line
+
+Entrypoint = Callable[[TrainConfig], Any]
 
 
 class WorkerError(RuntimeError):
@@ -31,30 +37,11 @@ class WorkerError(RuntimeError):
         self.rank = rank
 
 
-def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
-    """True when this process was started by torchrun (or another torchelastic agent) as one of the workers."""
-    env = os.environ if environ is None else environ
-    return "TORCHELASTIC_RUN_ID" in env or ("LOCAL_RANK" in env and "WORLD_SIZE" in env)
-
-
-def _free_port() -> int:
-    # Port 0 lets the OS pick an unused port; the tiny window before the rendezvous store binds it is accepted
-    # (a clash fails loudly at startup, it cannot corrupt a run).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _quiet_launcher_logs() -> None:
     # The elastic agent logs its whole configuration, every rendezvous round and every worker's exit at INFO
     # or WARNING, and a failure again at ERROR; gradzip reports the outcome itself, so only keep CRITICAL.
     for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 # Last lines of a worker that failed because another one did (a peer gone, a collective timed out).
@@ -71,9 +58,7 @@ def _is_consequence(detail: str) -> bool:
     return any(m in detail.lower() for m in _CONSEQUENCE_MARKERS)
 
 
-def _guarded(
-    entrypoint: Callable[[TrainConfig], dict[str, Any] | None], report_dir: str, cfg: TrainConfig
-) -> dict[str, Any] | None:
+def _guarded(entrypoint: Entrypoint, report_dir: str, cfg: TrainConfig) -> Any:
     """Run ``entrypoint(cfg)``; if it raises, leave the time and the error's last line in ``report_dir``.
 
     The launcher reports only the first worker it sees dead, which is often a survivor whose collective broke
@@ -83,7 +68,7 @@ def _guarded(
         return entrypoint(cfg)
     except BaseException as err:
         rank = int(os.environ.get("RANK", "0"))
-        detail = f"{type(err).__name__}: {_last_line(str(err))}".rstrip(": ")
+        detail = f"{type(err).__name__}: {last_line(str(err))}".rstrip(": ")
         report = {"rank": rank, "time": time.time(), "detail": detail}
         with contextlib.suppress(OSError):
             Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -109,7 +94,7 @@ def _describe_failure(err: Exception, report_dir: str | None = None) -> WorkerEr
                 {"rank": rank, "time": float(failure.timestamp), "detail": _failure_detail(failure)}
             )
     if not reports:
-        return WorkerError(f"a worker failed: {_last_line(str(err)) or type(err).__name__}")
+        return WorkerError(f"a worker failed: {last_line(str(err)) or type(err).__name__}")
     # A rank that failed by itself comes before one that lost its peer; then the earliest.
     first = min(reports, key=lambda r: (_is_consequence(r["detail"]), r["time"], r["rank"]))
     more = f" ({len(reports)} ranks failed)" if len(reports) > 1 else ""
@@ -120,7 +105,7 @@ def _failure_detail(failure: Any) -> str:
     message = failure.message
     if isinstance(message, dict):  # written by the elastic error handler: {"message": ..., "extraInfo": ...}
         message = message.get("message", "")
-    detail = _last_line(str(message))
+    detail = last_line(str(message))
     if failure.exitcode < 0:
         return f"killed by signal {failure.signal_name()}"
     if not detail or detail.startswith("To enable traceback"):
@@ -128,9 +113,7 @@ def _failure_detail(failure: Any) -> str:
     return detail
 
 
-def spawn(
-    cfg: TrainConfig, entrypoint: Callable[[TrainConfig], dict[str, Any] | None] = run_worker
-) -> dict[str, Any] | None:
+def spawn(cfg: TrainConfig, entrypoint: Entrypoint = run_worker) -> Any:
     """Run ``entrypoint(cfg)`` on ``cfg.workers`` local processes; returns rank 0's return value.
 
     When one worker fails the agent stops the others (no restarts), so a dead peer ends the run instead of
@@ -139,17 +122,15 @@ def spawn(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from gradzip.train.paramserver import server_count
-
     _quiet_launcher_logs()
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         # Dedicated parameter servers (DoubleSqueeze placement="server") are processes of their own.
-        nproc_per_node=cfg.workers + server_count(cfg.method, cfg.options),
+        nproc_per_node=cfg.workers + servers_needed(cfg.method, cfg.options),
         run_id=f"gradzip-{uuid.uuid4().hex[:12]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
         # The rendezvous of local processes takes seconds; a long wait means something is broken.
         rdzv_configs={"timeout": int(max(60, cfg.timeout))},
         max_restarts=0,
@@ -168,7 +149,7 @@ def spawn(
     return results.get(0)
 
 
-def run(cfg: TrainConfig) -> dict[str, Any] | None:
+def run(cfg: TrainConfig) -> RunSummary | None:
     """Train: under torchrun as this process's rank, else on ``cfg.workers`` spawned processes.
 
     Returns the summary on the process that holds global rank 0's result (the parent, when spawning), None on
@@ -180,4 +161,4 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
         return run_worker(cfg)
     except Exception as err:
         rank = os.environ.get("RANK", "?")
-        raise WorkerError(f"worker rank {rank} failed: {type(err).__name__}: {_last_line(str(err))}") from err
+        raise WorkerError(f"worker rank {rank} failed: {type(err).__name__}: {last_line(str(err))}") from err

@@ -1,0 +1,62 @@
+"""Point-to-point messages of the parameter-server placements: a fixed header, then the payload bytes.
+
+Every message is ``HEADER_BYTES`` of header (four int64: the sender's step, flags, two spare) followed by
+the payload row, so a receiver can post a receive of the right size before it knows what arrives. A wait
+that fails or times out is raised as an error that names the peer: a dead server or worker is never a hang.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from gradzip.util import first_line
+
+HEADER_BYTES = 32
+STOP = 1
+"""Flag of a worker's last message: it is done, and the server may stop once every worker said so."""
+
+
+class ServerError(RuntimeError):
+    """A parameter server died or did not answer in time; ``rank`` is its global rank."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class WorkerLost(RuntimeError):
+    """A server lost a worker (it died, or sent nothing within the timeout)."""
+
+
+def message(width: int, step: int = 0, flags: int = 0) -> torch.Tensor:
+    """A zeroed message with its header written and ``width`` payload bytes after it (the padding travels
+    too, and must not carry stale memory)."""
+    msg = torch.zeros(HEADER_BYTES + width, dtype=torch.uint8)
+    msg[:HEADER_BYTES].view(torch.int64)[:2] = torch.tensor([step, flags])
+    return msg
+
+
+def payload(msg: torch.Tensor) -> torch.Tensor:
+    """The payload bytes of a message (a view)."""
+    return msg[HEADER_BYTES:]
+
+
+def header(msg: torch.Tensor) -> tuple[int, int]:
+    """``(step, flags)`` of a message."""
+    step, flags = msg[:HEADER_BYTES].view(torch.int64)[:2].tolist()
+    return int(step), int(flags)
+
+
+def wait_for_server(work: Any, server: int, rank: int, timeout: float) -> None:
+    """Wait for a message to or from parameter server ``server`` (global ``rank``); ServerError naming it."""
+    try:
+        work.wait(timedelta(seconds=timeout))
+    except RuntimeError as err:
+        raise ServerError(
+            f"parameter server {server} (rank {rank}) died or did not answer within {timeout:g}s: "
+            f"{first_line(err)}",
+            rank,
+        ) from None

@@ -1,0 +1,58 @@
+"""Tensor fusion: many tensors packed into one flat buffer so one message pays the latency once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_ALIGN = 8  # every segment starts on an 8-byte boundary so it can be viewed as any dtype
+
+
+class ByteLayout:
+    """Segments of mixed dtypes packed into one uint8 buffer (for all-gathered payloads)."""
+
+    def __init__(self, specs: Sequence[tuple[torch.dtype, int]]) -> None:
+        self.specs = list(specs)
+        self.offsets: list[int] = []
+        off = 0
+        for dtype, count in self.specs:
+            self.offsets.append(off)
+            off += -(-count * dtype.itemsize // _ALIGN) * _ALIGN
+        self.nbytes = off
+
+    def pack(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+        # Zeroed, not empty: the alignment padding travels too, and should not carry stale memory.
+        buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        for view, t in zip(self.views(buf), tensors, strict=True):
+            view.copy_(t.reshape(-1))
+        return buf
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Typed views of the segments; ``buf`` may have leading dims (one row per worker)."""
+        out = []
+        for (dtype, count), off in zip(self.specs, self.offsets, strict=True):
+            out.append(buf[..., off : off + count * dtype.itemsize].view(dtype))
+        return out
+
+
+def flat_offsets(sizes: Sequence[int]) -> list[int]:
+    """Start of each segment in a flat buffer of same-dtype tensors laid end to end."""
+    offs, off = [], 0
+    for n in sizes:
+        offs.append(off)
+        off += n
+    offs.append(off)
+    return offs
+
+
+def views_of(buffer: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Views of flat ``buffer`` laid out as tensors of ``shapes``, end to end."""
+    offs = flat_offsets([s.numel() for s in shapes])
+    return [buffer[a:b].view(s) for a, b, s in zip(offs, offs[1:], shapes, strict=False)]
+
+
+def split_message(msg: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Flat segments of ``msg`` of the given sizes, end to end."""
+    offs = flat_offsets(sizes)
+    return [msg[a:b] for a, b in zip(offs, offs[1:], strict=False)]

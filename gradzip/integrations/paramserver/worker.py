@@ -1,0 +1,163 @@
+"""The worker side of the parameter-server placements: ``ps.step()`` after ``loss.backward()``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradzip.comm import wire
+from gradzip.comm.collectives import Comm, CommStats
+from gradzip.compress.feedback import ErrorFeedback, Velocity
+from gradzip.config import DoubleSqueezeConfig
+from gradzip.integrations.paramserver.placement import ASYNC, SYNC, Setup, server_ranks
+from gradzip.reducers.doublesqueeze import make_codec
+from gradzip.reducers.parts import part_bounds
+from gradzip.registry import make_config
+
+
+class PSWorker:
+    """The worker side: ``ps.step()`` after ``loss.backward()``.
+
+    Synchronous: the gradients are replaced by the servers' aggregate ``C(v)``; run the optimizer after.
+    Asynchronous: the servers run the optimizer; ``step()`` applies the servers' update to the parameters
+    (no optimizer on the worker). ``close()`` at the end (the servers return once every worker has closed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = SYNC,
+        *,
+        servers: int = 1,
+        lr: float | None = None,
+        momentum: float = 0.0,
+        timeout: float = 300.0,
+        **options: Any,
+    ) -> None:
+        if method not in (SYNC, ASYNC):
+            raise ValueError(f"method={method!r} is invalid: it must be {SYNC!r} or {ASYNC!r}")
+        options = {**options, "servers": servers}
+        if method == SYNC:
+            options["placement"] = "server"
+        self.asynchronous = method == ASYNC
+        if self.asynchronous and lr is None:
+            raise ValueError("doublesqueeze-async runs the optimizer on the servers: give lr (and momentum)")
+        world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.servers = server_ranks(world, servers)
+        self.workers = world - servers
+        if self.rank >= self.workers:
+            raise ValueError(
+                f"rank {self.rank} is a server rank (the last {servers} of {world}): call serve()"
+            )
+        cfg = make_config(method, **options)
+        assert isinstance(cfg, DoubleSqueezeConfig)
+        self.cfg = cfg
+        self.codec = make_codec(cfg, servers, self.rank, method)
+        self.timeout = timeout
+        self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in self.params]
+        self.numels = tuple(p.numel() for _, p in self.params)
+        self.widths = [self.codec.layout(self.numels, s).nbytes for s in range(servers)]
+        self.comm = Comm()
+        self.ef = ErrorFeedback()
+        self.velocity = Velocity(cfg.momentum_correction)
+        self.step_count = 0
+        self.wait_s = 0.0
+        self.server_stats: list[dict[str, Any]] = []
+        if self.rank == 0:
+            for s, dst in enumerate(self.servers):
+                setup = Setup(method, cfg.to_dict(), self.names, list(self.numels), self.workers, timeout)
+                if self.asynchronous:
+                    setup.lr, setup.momentum = float(lr or 0.0), momentum
+                    flats = [p.detach().reshape(-1).float().cpu() for _, p in self.params]
+                    setup.initial = [self.codec.part_of(f, s).clone() for f in flats]
+                dist.send_object_list([setup], dst=dst)
+
+    @property
+    def stats(self) -> CommStats:
+        return self.comm.stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """The worker's residuals and velocity (keyed by parameter name), compressor RNG and step."""
+        return {
+            "step": self.step_count,
+            "residuals": self.ef.state_dict(),
+            "velocity": self.velocity.state_dict(),
+            "compressor": self.codec.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step_count = int(sd["step"])
+        self.ef.load_state_dict(sd["residuals"])
+        self.velocity.load_state_dict(sd["velocity"])
+        self.codec.compressor.load_state_dict(sd["compressor"])
+
+    def _wait(self, works: list[tuple[int, Any]]) -> None:
+        start = time.perf_counter()
+        for s, work in works:
+            wire.wait_for_server(work, s, self.servers[s], self.timeout)
+        self.wait_s += time.perf_counter() - start
+
+    def _tags(self) -> tuple[str, str]:
+        # Async replies are per worker, so their random streams are too (random-k redraws the indices).
+        return (f"/from{self.rank}", f"/to{self.rank}") if self.asynchronous else ("", "/server")
+
+    def step(self) -> None:
+        push_tag, reply_tag = self._tags()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.params]
+        pushes = self.codec.compress_worker(
+            self.ef, self.velocity, [g.detach() for g in grads], self.names, push_tag, self.step_count
+        )
+        works, replies = [], []
+        for (s, dst), payloads in zip(enumerate(self.servers), pushes, strict=True):
+            msg = wire.message(self.widths[s], self.step_count)
+            self.codec.pack(payloads, self.numels, s, wire.payload(msg))
+            works.append((s, self.comm.isend(msg, dst)))
+            reply = wire.message(self.widths[s])
+            works.append((s, self.comm.irecv(reply, dst)))
+            replies.append(reply)
+        self._wait(works)
+        self.comm.stats.bytes_uncompressed += sum(4 * n for n in self.numels)  # what plain fp32 would send
+        self.comm.stats.steps += 1
+        for s, reply in enumerate(replies):
+            parts = self.codec.decode(
+                wire.payload(reply), self.numels, self.names, s, reply_tag, self.step_count
+            )
+            for (_, p), g, part in zip(self.params, grads, parts, strict=True):
+                a, b = part_bounds(p.numel(), len(self.servers))[s]
+                with torch.no_grad():
+                    if self.asynchronous:  # the servers' update of this worker's model
+                        p.view(-1)[a:b].add_(part.to(p.dtype))
+                    else:  # the aggregated gradient C(v)
+                        g.view(-1)[a:b].copy_(part)
+        if not self.asynchronous:
+            for (_, p), g in zip(self.params, grads, strict=True):
+                p.grad = g
+        self.step_count += 1
+
+    def close(self) -> list[dict[str, Any]]:
+        """Tell the servers this worker is done. Asynchronous: load the servers' final (authoritative) model.
+        Returns every server's statistics on rank 0, an empty list elsewhere."""
+        works = []
+        for s, dst in enumerate(self.servers):
+            works.append((s, self.comm.isend(wire.message(self.widths[s], self.step_count, wire.STOP), dst)))
+        self._wait(works)
+        if self.asynchronous:
+            for s, src in enumerate(self.servers):
+                sizes = [b - a for a, b in (part_bounds(n, len(self.servers))[s] for n in self.numels)]
+                final = torch.empty(sum(sizes))
+                self._wait([(s, dist.irecv(final, src))])
+                with torch.no_grad():
+                    for (_, p), part in zip(self.params, final.split(sizes), strict=True):
+                        a, b = part_bounds(p.numel(), len(self.servers))[s]
+                        p.view(-1)[a:b].copy_(part.to(p.dtype))
+        if self.rank == 0:
+            for src in self.servers:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=src)
+                self.server_stats.append(box[0])
+        return self.server_stats

@@ -1,0 +1,209 @@
+"""One worker process of a training run: ``run_worker(cfg)``.
+
+It is the entrypoint of every worker, whether it was spawned by ``gradzip train`` (through torch's elastic
+launcher) or started by torchrun; it reads its rank and the rendezvous from the environment (``env://``). It
+is a top-level function of a plain dataclass so that it pickles for ``start_method="spawn"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradzip.integrations.paramserver import serve
+from gradzip.registry import servers_needed
+from gradzip.train.config import TrainConfig, parse_straggler, steps_per_epoch, total_steps
+from gradzip.train.data import Dataset, label_skew_epoch, load_dataset, shard_indices
+from gradzip.train.env import threads_per_worker
+from gradzip.train.exchange import Exchange, Settings, build_exchange
+from gradzip.train.loop import evaluate, run_steps
+from gradzip.train.models import build_model
+from gradzip.train.records import LoopResult
+from gradzip.train.summary import (
+    FINAL_LOSS_WINDOW,
+    GossipSection,
+    RunSummary,
+    ServerSection,
+    TargetResult,
+    median_step_time,
+    params_agreement,
+    reduce_metrics,
+)
+
+
+def run_worker(cfg: TrainConfig) -> RunSummary | None:
+    """Train one worker of the run described by the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Returns the run's summary on global rank 0 and None on the other ranks (and on parameter servers). The
+    process group is destroyed on the way out, also when training fails.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(threads_per_worker())
+
+    dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+    try:
+        return _train(cfg, device)
+    finally:
+        # Free the model, DDP and the hook (reference cycles) while the interpreter is fully alive: gloo work
+        # objects freed during interpreter teardown can abort the process (pytorch#190489).
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
+    group = None
+    servers = servers_needed(cfg.method, cfg.options)
+    if servers:
+        # The last ranks serve until every worker has closed; the metrics' collectives run on the workers'
+        # group (every process must take part in creating it, the servers too).
+        workers = dist.get_world_size() - servers
+        if workers < 1:
+            raise ValueError(
+                f"{dist.get_world_size()} processes cannot hold {servers} servers and at least one worker"
+            )
+        group = dist.new_group(list(range(workers)))
+        if dist.get_rank() >= workers:
+            serve()
+            return None
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    data, n_steps, per_epoch, batch, model = setup_run(cfg, device, world)
+    run = Settings(cfg.method, cfg.options, cfg.lr, cfg.momentum, cfg.bucket_cap_mb, cfg.timeout)
+    ex = build_exchange(model, device, run, group)
+    straggler = parse_straggler(cfg.straggler)
+    bar = step_bar(cfg, rank, world, n_steps)
+    try:
+        result = run_steps(
+            ex,
+            step_batches(cfg, data, rank, world, n_steps, per_epoch, batch, device),
+            device,
+            evaluate_model=lambda m: evaluate(m, data.x_test, data.y_test, device),
+            eval_every=cfg.eval_every,
+            slowdown=straggler[1] if straggler is not None and straggler[0] == rank else 1.0,
+            bar=bar,
+            time_parts=False,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return summarize(cfg, data, world, batch, per_epoch, ex, result, device)
+
+
+def setup_run(cfg: TrainConfig, device: torch.device, world: int) -> tuple[Dataset, int, int, int, nn.Module]:
+    """What every run starts from: the dataset, the step count, steps per epoch, the per-worker batch, and
+    the model, seeded the same everywhere so that every worker starts from the same parameters (DDP also
+    broadcasts rank 0's at construction, but seeding keeps that a no-op and the run reproducible; D-PSGD
+    assumes it)."""
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
+    n_train = len(data.y_train)
+    n_steps = total_steps(cfg, n_train, world)
+    per_epoch = steps_per_epoch(n_train, world, cfg.batch_size)
+    batch = min(cfg.batch_size, n_train // world)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    return data, n_steps, per_epoch, batch, model
+
+
+def epoch_shard(cfg: TrainConfig, data: Dataset, rank: int, world: int, epoch: int) -> torch.Tensor:
+    """This rank's samples for ``epoch``: a disjoint share of a fresh permutation (iid: every epoch sees every
+    sample once), or a fixed label-skewed shard reshuffled (noniid)."""
+    if cfg.data_split == "iid":
+        return shard_indices(len(data.y_train), rank, world, cfg.seed, epoch)
+    return label_skew_epoch(data.y_train, rank, world, cfg.seed, epoch)
+
+
+def step_batches(
+    cfg: TrainConfig,
+    data: Dataset,
+    rank: int,
+    world: int,
+    n_steps: int,
+    per_epoch: int,
+    batch: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) of this rank for every step: a new shard at each epoch's start."""
+    shard = torch.empty(0, dtype=torch.long)
+    for step in range(n_steps):
+        epoch, i = divmod(step, per_epoch)
+        if i == 0:
+            shard = epoch_shard(cfg, data, rank, world, epoch)
+        idx = shard[i * batch : (i + 1) * batch]
+        yield data.x_train[idx].to(device), data.y_train[idx].to(device)
+
+
+def step_bar(cfg: TrainConfig, rank: int, world: int, n_steps: int) -> Any:
+    """The training progress bar (rank 0, unless quiet), or None."""
+    if rank != 0 or cfg.quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n_steps, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
+
+
+def summarize(
+    cfg: TrainConfig,
+    data: Dataset,
+    world: int,
+    batch: int,
+    per_epoch: int,
+    ex: Exchange,
+    result: LoopResult,
+    device: torch.device,
+) -> RunSummary | None:
+    """The run's summary on rank 0 (None elsewhere), from the loop's records and the collectives after it,
+    in the same order on every worker."""
+    ex.close()
+    losses, totals, worker_train_time_s = reduce_metrics(result.records, ex.stats, device, ex.group)
+    # Not identical is the normal case for gossip: the models agree only up to the consensus distance.
+    params_identical, params_max_abs_diff = params_agreement(ex.model, device, ex.group)
+    accuracy, section = ex.report(lambda m: evaluate(m, data.x_test, data.y_test, device))
+    if accuracy is None:
+        return None
+    n_steps = len(result.records)
+    bytes_sent, bytes_received, bytes_uncompressed = totals
+    history = [dataclasses.replace(r, loss=loss) for r, loss in zip(result.records, losses, strict=True)]
+    return RunSummary(
+        method=cfg.method,
+        options=dict(cfg.options),
+        model=cfg.model,
+        dataset=data.name,
+        workers=world,
+        backend=cfg.backend,
+        batch_size=batch,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        seed=cfg.seed,
+        steps=n_steps,
+        epochs=n_steps / per_epoch,
+        data_split=cfg.data_split,
+        final_loss=sum(losses[-FINAL_LOSS_WINDOW:]) / len(losses[-FINAL_LOSS_WINDOW:]),
+        test_accuracy=accuracy,
+        time_per_step_s=median_step_time([r.time for r in result.records]),
+        total_train_time_s=result.train_time_s,
+        bytes_sent_per_step=bytes_sent,
+        bytes_received_per_step=bytes_received,
+        bytes_uncompressed_per_step=bytes_uncompressed,
+        params_identical=params_identical,
+        params_max_abs_diff=params_max_abs_diff,
+        worker_train_time_s=worker_train_time_s,
+        accuracy_history=result.evals,
+        target=TargetResult.of(result.evals, cfg.target_accuracy)
+        if cfg.target_accuracy is not None
+        else None,
+        servers=section if isinstance(section, ServerSection) else None,
+        gossip=section if isinstance(section, GossipSection) else None,
+        history=history,
+    )

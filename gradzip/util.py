@@ -1,0 +1,37 @@
+"""Small helpers every layer uses, with no gradzip (or torch) dependency: one-line error text, byte counts,
+free ports."""
+
+from __future__ import annotations
+
+import socket
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what fits one report line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of ``text``, stripped ("" when there is none): where a traceback or a tool's
+    output says what finally went wrong."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def format_bytes(n: float | None) -> str:
+    """``n`` bytes in decimal units (B, kB, MB, GB), as every table and summary of gradzip shows them."""
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it). The short window before the caller binds it
+    is accepted: a clash fails loudly at startup, it cannot corrupt a run."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,79 @@
+"""Starting workers: a worker that fails ends the run with its rank, the failure is pinned on the rank that
+failed by itself, and torchrun is recognised."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gradzip.train.config import TrainConfig
+from gradzip.train.env import under_torchrun
+from gradzip.train.launch import WorkerError, _describe_failure, spawn
+
+
+def _entry_rank1_dies(cfg: TrainConfig) -> None:
+    """A worker function whose rank 1 fails while rank 0 waits for it in a collective."""
+    dist.init_process_group("gloo")
+    try:
+        if dist.get_rank() == 1:
+            raise RuntimeError("first line\nrank one broke on purpose")
+        dist.all_reduce(torch.ones(1))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failing_worker_ends_the_run_with_its_rank(tmp_path: Path) -> None:
+    cfg = TrainConfig(method="ssgd", workers=2, backend="gloo", timeout=120)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        spawn(cfg, _entry_rank1_dies)
+    # Not a hang until the collective timeout: the launcher stops the surviving worker.
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1
+    assert str(info.value).startswith("worker rank 1 failed: RuntimeError: rank one broke on purpose")
+
+
+class _Failure:
+    def __init__(self, message: Any, exitcode: int = 1, timestamp: int = 0) -> None:
+        self.message, self.exitcode, self.timestamp = message, exitcode, timestamp
+
+    def signal_name(self) -> str:
+        return "SIGKILL"
+
+
+class _ChildFailed(Exception):
+    def __init__(self, failures: dict[int, _Failure]) -> None:
+        super().__init__("child failed")
+        self.failures = failures
+
+
+def test_failure_names_the_rank_that_failed_by_itself(tmp_path: Path) -> None:
+    # The launcher saw rank 0 die first, of a broken connection; rank 3's own report is the cause even though
+    # it was written later.
+    (tmp_path / "rank3.json").write_text(json.dumps({"rank": 3, "time": 11.5, "detail": "ValueError: bad"}))
+    (tmp_path / "rank0.json").write_text(
+        json.dumps({"rank": 0, "time": 11.2, "detail": "RuntimeError: Connection reset by peer"})
+    )
+    seen = _ChildFailed({0: _Failure({"message": "RuntimeError: Connection reset by peer"}, timestamp=11)})
+    err = _describe_failure(seen, str(tmp_path))
+    assert (err.rank, str(err)) == (3, "worker rank 3 failed: ValueError: bad (2 ranks failed)")
+
+
+def test_failure_without_reports_uses_the_launchers_view() -> None:
+    killed = _describe_failure(_ChildFailed({1: _Failure("", exitcode=-9)}))
+    assert (killed.rank, str(killed)) == (1, "worker rank 1 failed: killed by signal SIGKILL")
+    err = _describe_failure(_ChildFailed({2: _Failure({"message": "Traceback...\nKeyError: 'x'"})}))
+    assert str(err) == "worker rank 2 failed: KeyError: 'x'"
+
+
+def test_under_torchrun_detection() -> None:
+    assert under_torchrun({"TORCHELASTIC_RUN_ID": "x"})
+    assert under_torchrun({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert not under_torchrun({"LOCAL_RANK": "0"})
+    assert not under_torchrun({})

@@ -1,9 +1,12 @@
 """Small helpers every layer uses, with no gradzip (or torch) dependency: one-line error text, byte counts,
-free ports."""
+free ports, output files."""
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
+from pathlib import Path
 
 
 def first_line(err: BaseException) -> str:
@@ -35,3 +38,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Raise ValueError, naming ``what`` (e.g. ``--json``) and the reason, unless a file can be written at
+    ``path`` (its folder is created if need be). Called before a long run, so the run's result is never lost
+    to a path that was wrong from the start; nothing is left at ``path`` by the check."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give the path of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {what} {path}: {err.strerror or err}") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a crash while writing leaves
+    the previous file (or none), never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)

@@ -46,6 +46,9 @@ BAD_INPUTS = [
     (["--batch-size", "0"], "0"),
     (["--timeout", "0"], "0"),
     (["--compressor-seed", "x"], "'x'"),
+    # Output paths are checked before training: a wrong one must not cost the whole run.
+    (["--json", "/proc/nope/out.json"], "cannot write --json /proc/nope/out.json"),
+    (["--json", "/"], "--json / is a directory"),
 ]
 
 
@@ -149,6 +152,11 @@ def test_methods_lists_every_method_and_option(capsys: pytest.CaptureFixture[str
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main([], capsys)
     assert code == 2 and err.startswith("gradzip: error: ")
+
+
+def test_bench_refuses_an_unwritable_out_before_measuring(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["bench", "--kernels", "--out", "/proc/nope"], capsys)
+    assert code == 2 and out == "" and "cannot write --out /proc/nope/results.json" in err
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
-from gradzip.util import first_line, format_bytes, free_port, last_line
+import pytest
+
+from gradzip.util import check_writable, first_line, format_bytes, free_port, last_line, write_atomic
 
 
 def test_error_lines() -> None:
@@ -24,3 +28,21 @@ def test_free_port_can_be_bound() -> None:
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # raises if something held it
+
+
+def test_output_paths_are_checked_and_written_whole(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "out.json"
+    check_writable(target, "--json")  # creates the folder, leaves nothing else
+    assert target.parent.is_dir() and os.listdir(target.parent) == []
+    with pytest.raises(ValueError, match=f"--json {tmp_path} is a directory"):
+        check_writable(tmp_path, "--json")
+    target.parent.chmod(0o500)
+    try:
+        if os.geteuid() != 0:  # root writes anywhere
+            with pytest.raises(ValueError, match="cannot write --json"):
+                check_writable(target, "--json")
+    finally:
+        target.parent.chmod(0o700)
+    write_atomic(target, "first")
+    write_atomic(target, "second")
+    assert target.read_text() == "second" and os.listdir(target.parent) == ["out.json"]  # no temporary left

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gradzip.bench.runner import DEFAULT_METHODS, Grid
+from gradzip.util import check_writable
 
 
 def _list(kind: type) -> Any:
@@ -142,6 +143,10 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         removed = remove_leftovers()
         print(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
         return 0
+    try:  # before any configuration runs: a wrong --out must not cost a whole grid
+        check_writable(args.out / "results.json", "--out")
+    except ValueError as err:
+        raise usage_error(str(err)) from None
     if args.kernels:
         from gradzip.bench import kernels
 

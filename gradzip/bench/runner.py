@@ -27,7 +27,7 @@ from gradzip.bench.worker import RIVALS, BenchSpec, Measurement
 from gradzip.registry import get_spec, make_config
 from gradzip.registry import methods as registry_methods
 from gradzip.train.models import MODELS
-from gradzip.util import free_port, last_line
+from gradzip.util import free_port, last_line, write_atomic
 
 LOW_RANK = ("powersgd", "acpsgd", "torch-powersgd")
 DEFAULT_METHODS = ["floor", "ssgd", "signsgd", "topk", "powersgd", "torch-powersgd", "acpsgd"]
@@ -375,6 +375,4 @@ def progress_bar(total: int, enabled: bool, unit: str = "config") -> Any:
 
 
 def save_json(results: Iterable[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(list(results), indent=1))
-    tmp.replace(path)  # atomic: an interrupted write never leaves half a file
+    write_atomic(path, json.dumps(list(results), indent=1))  # an interrupted write never leaves half a file

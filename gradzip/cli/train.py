@@ -16,6 +16,7 @@ from gradzip.train.config import BACKENDS, DATA_SPLITS, DEFAULT_STEPS, TrainConf
 from gradzip.train.data import EMBEDDED
 from gradzip.train.env import default_backend, under_torchrun
 from gradzip.train.models import MODELS
+from gradzip.util import check_writable, write_atomic
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
@@ -131,6 +132,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             straggler=args.straggler,
         )  # fmt: skip
         preflight(cfg)
+        # Only rank 0 writes the summary (under torchrun the path may exist on its machine alone).
+        if args.json is not None and os.environ.get("RANK", "0") == "0":
+            check_writable(args.json, "--json")
     except ValueError as err:
         raise UsageError(str(err)) from None
     return cfg
@@ -148,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if summary is None:  # a torchrun rank other than 0
         return 0
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        write_atomic(args.json, json.dumps(summary.to_dict(), indent=2) + "\n")
     rows = summary.rows()
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

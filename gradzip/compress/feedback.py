@@ -93,6 +93,8 @@ class Velocity:
         if u is None:
             u = self.buffers[key] = g.detach().clone()
             return u
+        if u.device != g.device or u.dtype != g.dtype:  # e.g. a checkpoint loaded with map_location="cpu"
+            u = self.buffers[key] = u.to(device=g.device, dtype=g.dtype)
         return u.mul_(self.momentum).add_(g)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ class RandomK(Compressor):
     def shared_context(self, numel: int, device: torch.device) -> torch.Tensor:
         """The indices of the current stream: every worker draws the same ones."""
         k = k_of(self.density, numel)
+        if k == 0:  # an empty tensor: nothing to draw (randint refuses an empty range)
+            return torch.zeros(0, dtype=torch.long, device=device)
         return torch.randint(numel, (k,), generator=self.rng(device), device=device)
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:

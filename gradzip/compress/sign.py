@@ -46,7 +46,9 @@ class ScaledSign(Compressor):
         return [(torch.float32, 1), (torch.uint8, -(-numel // 8))]
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        scale = x.abs().mean().reshape(1)
+        # The mean magnitude; an empty tensor's (a part of a tensor smaller than the number of parts) is 0,
+        # not the NaN of an empty mean.
+        scale = (x.abs().mean() if x.numel() else x.new_zeros(())).reshape(1)
         return [scale, pack_bits(x >= 0)], None
 
     def _signs(self, bits: torch.Tensor, numel: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ from gradzip.compress.base import Capabilities, Compressor
 
 
 def k_of(density: float, numel: int) -> int:
-    return max(1, min(numel, math.ceil(density * numel)))
+    """Entries a sparsifier sends of a tensor of ``numel``: at least one, at most all (none of an empty one:
+    a part of a tensor smaller than the number of parts is empty)."""
+    return min(numel, max(1, math.ceil(density * numel)))
 
 
 def scatter_mean(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:

@@ -75,6 +75,8 @@ class PowerGossip(Gossip):
     def _vector(self, j: int, name: str, x: torch.Tensor, right: bool) -> torch.Tensor:
         """This iteration's orthonormal vector for edge (i, j) and matrix ``name``."""
         v = self.vectors[j].get(name) if self.warm_start else None
+        if v is not None and (v.device != x.device or v.dtype != x.dtype):
+            v = v.to(device=x.device, dtype=x.dtype)  # e.g. a checkpoint loaded with map_location="cpu"
         if v is None or not bool(v.any()):
             # First use, no warm start, or a zero projection (identical models): a fresh draw, the same at
             # both ends since it depends only on the edge, the parameter and the iteration.

@@ -189,13 +189,18 @@ class ServerExchange(Exchange):
 
 @torch.no_grad()
 def averaged_model(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """A copy of ``model`` holding the mean of every worker's parameters (a collective, for metrics)."""
+    """A copy of ``model`` holding the mean over the workers of its parameters and of its floating-point
+    buffers (BatchNorm's running statistics), a collective: the model decentralized training delivers. Its
+    buffers follow the parameters: each worker's statistics describe its own data (skewed under non-IID
+    splits), so rank 0's alone would not describe the averaged model's. Integer buffers (BatchNorm's step
+    count) are the same on every worker and stay as they are."""
     world = dist.get_world_size(group)
     avg = copy.deepcopy(model)
-    for p in avg.parameters():
-        total = p.detach().double()
+    tensors = [*avg.parameters(), *(b for b in avg.buffers() if b.is_floating_point())]
+    for t in tensors:
+        total = t.detach().double()
         dist.all_reduce(total, group=group)
-        p.copy_(total / world)
+        t.copy_(total / world)
     return avg
 
 

@@ -8,10 +8,13 @@ the same code.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import pickle
+import sys
 import tempfile
 import time
 import uuid
@@ -65,7 +68,10 @@ def _guarded(entrypoint: Entrypoint, report_dir: str, cfg: TrainConfig) -> Any:
     because the real culprit had already gone; these reports let the parent name the culprit instead.
     """
     try:
-        return entrypoint(cfg)
+        result = entrypoint(cfg)
+        # The launcher pickles the result to hand it back: a failure to do so must be this worker's error
+        # here, not a missing result after it has left (below).
+        pickle.dumps(result)
     except BaseException as err:
         rank = int(os.environ.get("RANK", "0"))
         detail = f"{type(err).__name__}: {last_line(str(err))}".rstrip(": ")
@@ -73,6 +79,20 @@ def _guarded(entrypoint: Entrypoint, report_dir: str, cfg: TrainConfig) -> Any:
         with contextlib.suppress(OSError):
             Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
         raise
+    atexit.register(leave_without_teardown)
+    return result
+
+
+def leave_without_teardown(code: int = 0) -> None:
+    """End a process whose work is done and handed back, without the interpreter's teardown: gloo can abort a
+    process (SIGABRT, "terminate called without an active exception") when its objects are freed during
+    teardown (pytorch#190489), and a finished run must never report failure because of it.
+
+    Registered with atexit once a worker has succeeded, it runs before the handlers registered earlier (the
+    launcher's child has already flushed its result queue by then) and skips them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _read_reports(report_dir: str | None) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradzip.compress.base import Compressor
-from gradzip.compress.feedback import ErrorFeedback
+from gradzip.compress.feedback import ErrorFeedback, Velocity
 from gradzip.compress.identity import Half, Identity
 from gradzip.compress.qsgd import QSGD
 from gradzip.compress.randomk import RandomK
@@ -90,6 +90,20 @@ def test_error_feedback_invariant_float64(name: str) -> None:
         assert min(residual_norms) > 1e-3, "a lossy compressor must leave a nonzero residual"
 
 
+def test_loaded_residuals_and_velocity_follow_the_gradient() -> None:
+    """State loaded from elsewhere (a checkpoint loaded with map_location="cpu" and trained on a GPU; here a
+    float64 state and a float32 gradient, the same code path on a CPU-only machine) moves to the gradient's
+    device and dtype instead of failing on the first step."""
+    g = torch.ones(4)
+    ef, velocity = ErrorFeedback(), Velocity(0.5)
+    ef.load_state_dict({"w": torch.full((4,), 2.0, dtype=torch.float64)})
+    velocity.load_state_dict({"w": torch.full((4,), 2.0, dtype=torch.float64)})
+    assert ef.compensate("w", g).dtype == torch.float32
+    u = velocity("w", g)
+    assert u.dtype == torch.float32 and torch.equal(u, torch.full((4,), 2.0))  # 0.5 * 2 + 1
+    assert velocity.buffers["w"] is u  # kept, moved, for the next step
+
+
 # ------------------------------------------------------------------------------------------------ sign
 
 
@@ -166,6 +180,22 @@ def test_topk_k_clamped() -> None:
     assert k_of(0.0001, 10) == 1
     assert k_of(1.0, 10) == 10
     assert k_of(0.25, 10) == 3
+    assert k_of(0.01, 0) == 0  # an empty part of a small tensor sends nothing
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_an_empty_tensor_encodes_to_an_empty_payload(name: str) -> None:
+    """DoubleSqueeze cuts every tensor into one part per server: a 1-element tensor (PReLU's weight) leaves
+    empty parts, which every compressor must encode, decode and aggregate without an error or a NaN."""
+    comp = FACTORIES[name]()
+    x = torch.zeros(0)
+    payload, ctx = comp.encode(x)
+    assert [(t.dtype, t.numel()) for t in payload] == comp.payload_spec(0)
+    assert all(bool(torch.isfinite(t.float()).all()) for t in payload)
+    assert comp.decode(payload, ctx, 0).numel() == 0
+    gathered = [t.unsqueeze(0).repeat(2, *[1] * t.dim()) for t in payload]  # two senders
+    assert comp.aggregate(gathered, 0, comp.shared_context(0, x.device)).numel() == 0
+    assert comp.residual(x, payload, ctx).numel() == 0
 
 
 def test_topk_aggregate_with_overlaps() -> None:

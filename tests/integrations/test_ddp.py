@@ -81,6 +81,33 @@ def test_every_method_keeps_workers_bit_identical_with_many_buckets(world: int) 
         assert r["collectives"] > 5, f"{method}: expected several buckets per step, got {r['collectives']}"
 
 
+def prelu_net() -> nn.Module:
+    """PReLU's weight has one element: cut into a part per worker, it leaves empty parts."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+
+
+def _tiny_tensors(rank: int, world: int) -> dict[str, Any]:
+    out = {}
+    for compressor in ("topk", "randomk", "signsgd", "qsgd"):
+        model = DDP(prelu_net())
+        state, hook = gradzip.ddp_hook("doublesqueeze", model=model, compressor=compressor)
+        model.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen = train_steps(model, opt, rank, range(3))
+        out[compressor] = {
+            "identical": all(bool((s == s[0]).all()) for s in seen),
+            "finite": all(bool(torch.isfinite(s).all()) for s in seen),
+        }
+    return out
+
+
+def test_doublesqueeze_carries_tensors_smaller_than_its_parts() -> None:
+    results = run_workers(_tiny_tensors, 3)[0]
+    for compressor, r in results.items():
+        assert r["identical"] and r["finite"], (compressor, r)
+
+
 def _ssgd_vs_ddp(rank: int, world: int) -> bool:
     ref, ours = DDP(mixed_net(), bucket_cap_mb=0.004), DDP(mixed_net(), bucket_cap_mb=0.004)
     state, hook = gradzip.ddp_hook("ssgd", model=ours)

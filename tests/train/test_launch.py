@@ -3,7 +3,9 @@ failed by itself, and torchrun is recognised."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,14 @@ def test_under_torchrun_detection() -> None:
     assert under_torchrun({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
     assert not under_torchrun({"LOCAL_RANK": "0"})
     assert not under_torchrun({})
+
+
+def _entry_aborts_at_exit(cfg: TrainConfig) -> dict[str, int]:
+    """A worker that finishes, then dies in the interpreter's teardown (as gloo's SIGABRT, pytorch#190489)."""
+    atexit.register(os.abort)
+    return {"rank": int(os.environ["RANK"])}
+
+
+def test_a_finished_worker_that_aborts_at_teardown_is_not_a_failure() -> None:
+    cfg = TrainConfig(method="ssgd", workers=2, backend="gloo", timeout=60)
+    assert spawn(cfg, _entry_aborts_at_exit) == {"rank": 0}

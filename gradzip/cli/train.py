@@ -98,6 +98,25 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         metavar="RANK:FACTOR",
         help="emulate a slow worker: RANK's steps take FACTOR times as long (e.g. 1:3)",
     )
+    saving = train.add_argument_group(
+        "checkpoints", "every worker's and every server's whole state, for an exact resume"
+    )
+    saving.add_argument(
+        "--checkpoint-dir", default=None, metavar="DIR", help="write checkpoints here (and resume from here)"
+    )
+    saving.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        metavar="K",
+        help="a checkpoint every K steps, and after the last (0: after the last only)",
+    )
+    saving.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --checkpoint-dir that every worker holds (afresh if none)",
+    )
+    saving.add_argument("--keep", type=positive_int, default=d.keep, metavar="N", help="checkpoints kept")
     add_method_options(train)
 
 
@@ -129,7 +148,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             epochs=args.epochs, seed=args.seed, backend=args.backend or default_backend(workers),
             bucket_cap_mb=args.bucket_cap_mb, timeout=args.timeout, quiet=args.quiet,
             eval_every=args.eval_every, target_accuracy=args.target_accuracy, data_split=args.data_split,
-            straggler=args.straggler,
+            straggler=args.straggler, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, keep=args.keep,
         )  # fmt: skip
         preflight(cfg)
         # Only rank 0 writes the summary (under torchrun the path may exist on its machine alone).

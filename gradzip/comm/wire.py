@@ -17,6 +17,8 @@ from gradzip.util import first_line
 HEADER_BYTES = 32
 STOP = 1
 """Flag of a worker's last message: it is done, and the server may stop once every worker said so."""
+CHECKPOINT = 2
+"""Flag of a step's pushes after which every server hands its state to worker 0 (for a checkpoint)."""
 
 
 class ServerError(RuntimeError):

@@ -70,6 +70,14 @@ class TrainConfig:
     """``iid``: a fresh disjoint share of the data each epoch; ``noniid``: a fixed label-skewed shard per worker."""
     straggler: str | None = None
     """``RANK:FACTOR``: emulate a slow worker whose steps take FACTOR times as long (asynchronous studies)."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints are written (and read with ``resume``): every worker's and every server's state."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps, and after the last (0: after the last step only)."""
+    resume: bool = False
+    """Resume from the latest checkpoint in ``checkpoint_dir`` that every worker holds (start afresh if none)."""
+    keep: int = 2
+    """Checkpoints kept; older ones are removed once every worker has written a newer one."""
 
     def __post_init__(self) -> None:
         # Sparsifiers apply the run's momentum themselves (DGC momentum correction) unless told otherwise:
@@ -130,6 +138,20 @@ class TrainConfig:
             make_topology(
                 self.options["topology"], self.workers
             )  # a torus of 7 fails here, before any worker
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every!r} is invalid: checkpoint_every must be an integer >= 0"
+            )
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"keep={self.keep!r} is invalid: keep must be an integer >= 1")
+        if self.checkpoint_dir is None and (self.checkpoint_every or self.resume):
+            raise ValueError("checkpoint_every and resume need checkpoint_dir (where the checkpoints are)")
+        if self.checkpoint_dir is not None and get_spec(self.method).kind == "server":
+            # Its servers apply pushes in arrival order: no two runs are the same, so no resume can be exact.
+            raise ValueError(
+                f"{self.method} cannot checkpoint yet: its servers apply pushes in arrival order, so a resume "
+                "could not continue the run exactly; use doublesqueeze with placement=server"
+            )
         straggler = parse_straggler(self.straggler)
         if straggler is not None and straggler[0] >= self.workers:
             raise ValueError(

@@ -107,6 +107,16 @@ class Exchange:
     def close(self) -> None:
         """End the exchange after the last step (every worker)."""
 
+    def prepare_checkpoint(self) -> None:
+        """Called before a step after which a checkpoint is written (every worker, the same step)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's whole state on this worker (what a checkpoint keeps beside the model and optimizer)."""
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s state."""
+
     def report(self, evaluate: Evaluate) -> tuple[float | None, ServerSection | GossipSection | None]:
         """After the run's metrics, on every worker (collectives where the models differ): the test accuracy of
         what the run delivers (on rank 0, None elsewhere) and the family's part of the summary."""
@@ -141,6 +151,13 @@ class HookExchange(Exchange):
             return None
         return self.state.hook_s, self.state.reducer.wait_s
 
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.state is None else {"hook": self.state.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.state is not None:
+            self.state.load_state_dict(sd["hook"])
+
 
 def gradzip_hook(method: str, options: dict[str, Any]) -> Callable[[DDP], HookState]:
     """Registers method ``method``'s hook (its parameters named by the DDP model)."""
@@ -156,14 +173,23 @@ def gradzip_hook(method: str, options: dict[str, Any]) -> Callable[[DDP], HookSt
 class ServerExchange(Exchange):
     """Dedicated parameter servers: no DDP; the push and the reply follow backward."""
 
-    def __init__(self, model: nn.Module, run: Settings, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        run: Settings,
+        group: dist.ProcessGroup | None,
+        server_states: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.servers = servers_needed(run.method, run.options)
         self.asynchronous = get_spec(run.method).kind == "server"
         own = {k: v for k, v in run.options.items() if k not in ("servers", "placement")}
         # Asynchronous: the servers run the optimizer (with the run's lr and momentum) on the authoritative
         # model, and the workers have none.
         extra: dict[str, Any] = {"lr": run.lr, "momentum": run.momentum} if self.asynchronous else {}
-        self.ps = PSWorker(model, run.method, servers=self.servers, timeout=run.timeout, **extra, **own)
+        self.ps = PSWorker(
+            model, run.method, servers=self.servers, timeout=run.timeout, server_states=server_states, **extra,
+            **own,
+        )  # fmt: skip
         optimizer = None if self.asynchronous else _sgd(model, run)
         super().__init__(model, model, optimizer, self.ps.stats, group)
         self.seconds = 0.0
@@ -185,6 +211,17 @@ class ServerExchange(Exchange):
     def report(self, evaluate: Evaluate) -> tuple[float | None, ServerSection | GossipSection | None]:
         accuracy, _ = super().report(evaluate)
         return accuracy, self.section
+
+    def prepare_checkpoint(self) -> None:
+        self.ps.collect_server_states()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Worker 0 also keeps the servers' states, which they handed it after the step just done.
+        servers = {"servers": self.ps.server_states} if self.ps.server_states is not None else {}
+        return {"worker": self.ps.state_dict(), **servers}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.ps.load_state_dict(sd["worker"])  # the servers' states went to them when the exchange was built
 
 
 @torch.no_grad()
@@ -226,6 +263,12 @@ class GossipExchange(Exchange):
     def metric_s(self) -> float:
         return self.gossip.metrics_s
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"gossip": self.gossip.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.gossip.load_state_dict(sd["gossip"])
+
     @property
     def last_metric(self) -> float | None:
         return self.gossip.last_consensus_distance
@@ -252,14 +295,19 @@ class GossipExchange(Exchange):
 
 
 def build_exchange(
-    model: nn.Module, device: torch.device, run: Settings, group: dist.ProcessGroup | None = None
+    model: nn.Module,
+    device: torch.device,
+    run: Settings,
+    group: dist.ProcessGroup | None = None,
+    server_states: list[dict[str, Any]] | None = None,
 ) -> Exchange:
     """The exchange of ``run.method``'s family. ``run.momentum`` is the run's; the optimizer runs without it
-    where the method applies it itself (momentum correction)."""
+    where the method applies it itself (momentum correction). ``server_states``: the dedicated servers' to
+    continue from (worker 0 of a resumed run)."""
     run = dataclasses.replace(run, momentum=optimizer_momentum(run.options, run.momentum))
     kind = family(run.method, run.options)
     if kind == "gossip":
         return GossipExchange(model, run)
     if kind == "server":
-        return ServerExchange(model, run, group)
+        return ServerExchange(model, run, group, server_states)
     return HookExchange(model, device, run, gradzip_hook(run.method, run.options))

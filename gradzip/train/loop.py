@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,18 @@ def _clock(device: torch.device, synchronize: bool = True) -> Callable[[], float
     return now
 
 
+class Checkpoints(Protocol):
+    """Where the loop hands over its state, between steps."""
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint follows step ``step`` (counted from 0)."""
+        ...
+
+    def save(self, steps_done: int, result: LoopResult) -> None:
+        """Write the checkpoint of the run after ``steps_done`` steps (``result``: the loop's records so far)."""
+        ...
+
+
 def run_steps(
     ex: Exchange,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -59,6 +71,8 @@ def run_steps(
     slowdown: float = 1.0,
     bar: Any = None,
     time_parts: bool = True,
+    result: LoopResult | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> LoopResult:
     """One step per batch: forward, backward, the exchange, the optimizer. ``evaluate_model`` runs every
     ``eval_every`` steps on what the exchange says is this run's model (outside the timed step);
@@ -66,12 +80,18 @@ def run_steps(
 
     A step's time always waits for the device. Its parts (compute, optimizer) do too with ``time_parts``;
     without it, on CUDA, they are the host's view only, and the device keeps running ahead of the host
-    between the step's ends (what ``gradzip train`` wants: it reports whole steps)."""
+    between the step's ends (what ``gradzip train`` wants: it reports whole steps).
+
+    ``result`` holds the records of the steps already done (a resumed run): the batches are those of the
+    steps after them. ``checkpoints`` is told, between steps, when to prepare one and to write it."""
     now = _clock(device)
     mark = _clock(device, synchronize=time_parts)
-    result = LoopResult()
+    result = LoopResult() if result is None else result
     ex.module.train()
-    for step, (x, y) in enumerate(batches):
+    for step, (x, y) in enumerate(batches, start=len(result.records)):
+        due = checkpoints is not None and checkpoints.due(step)
+        if due:
+            ex.prepare_checkpoint()
         before = ex.counters()
         metric_before = ex.metric_s
         sent_before, received_before = ex.traffic()
@@ -126,4 +146,7 @@ def run_steps(
             if record.consensus_distance is not None:
                 postfix["consensus"] = f"{record.consensus_distance:.2e}"
             bar.set_postfix(postfix, refresh=False)
+        if due:
+            assert checkpoints is not None
+            checkpoints.save(step + 1, result)
     return result

@@ -3,17 +3,21 @@ a mistake there is one clear error, not a crash in every worker."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from gradzip.train.config import TrainConfig, steps_per_epoch
+from gradzip.train import checkpoint
+from gradzip.train.config import TrainConfig, steps_per_epoch, total_steps
 from gradzip.train.data import DatasetError, load_dataset
 from gradzip.train.models import build_model
-from gradzip.util import first_line
+from gradzip.util import check_writable, first_line
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Raise ValueError (one line) if the dataset cannot be read, holds fewer samples than workers, or the
-    model cannot take its samples."""
+    """Raise ValueError (one line) if the dataset cannot be read, holds fewer samples than workers, the model
+    cannot take its samples, the checkpoint folder cannot be written, or the checkpoint to resume from is
+    unreadable, of another run, or past the run's last step."""
     try:
         data = load_dataset(cfg.dataset, seed=cfg.seed)
     except DatasetError:
@@ -33,3 +37,14 @@ def preflight(cfg: TrainConfig) -> None:
             f"model {cfg.model!r} cannot take samples of dataset {cfg.dataset!r} (shape "
             f"{tuple(data.input_shape)}, {data.x_train.dtype}): {first_line(err)}"
         ) from None
+    if cfg.checkpoint_dir is not None:
+        root = Path(cfg.checkpoint_dir)
+        check_writable(root / "checkpoint", "--checkpoint-dir")
+        if cfg.resume:
+            step = checkpoint.check_resumable(root, checkpoint.fingerprint(cfg, model, cfg.workers))
+            last = total_steps(cfg, len(data.y_train), cfg.workers)
+            if step is not None and step > last:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {checkpoint.step_dir(root, step)} is past this run's {last} steps: "
+                    f"give --steps beyond {step}"
+                )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 from gradzip.integrations.paramserver import serve
 from gradzip.registry import servers_needed
+from gradzip.train import checkpoint
 from gradzip.train.config import TrainConfig, parse_straggler, steps_per_epoch, total_steps
 from gradzip.train.data import Dataset, label_skew_epoch, load_dataset, shard_indices
 from gradzip.train.env import threads_per_worker
@@ -80,20 +83,49 @@ def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
             return None
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     data, n_steps, per_epoch, batch, model = setup_run(cfg, device, world)
+    root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    meta = checkpoint.fingerprint(cfg, model, world)
+    saved = None
+    if root is not None and cfg.resume:
+        step = checkpoint.agreed_step(root, group)  # the latest one every worker holds (a collective)
+        if step is not None:
+            if rank == 0:
+                checkpoint.check_same_run(
+                    checkpoint.read_meta(root, step), meta, checkpoint.step_dir(root, step)
+                )
+            saved = checkpoint.load(root, step, rank)
+            if rank == 0 and not cfg.quiet:
+                print(f"gradzip: resuming from {checkpoint.step_dir(root, step)}", file=sys.stderr)
+            if step > n_steps:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {checkpoint.step_dir(root, step)} is past this run's {n_steps} steps"
+                )
+        elif rank == 0 and not cfg.quiet:
+            print(f"gradzip: no checkpoint in {root} yet: starting from step 0", file=sys.stderr)
     run = Settings(cfg.method, cfg.options, cfg.lr, cfg.momentum, cfg.bucket_cap_mb, cfg.timeout)
-    ex = build_exchange(model, device, run, group)
+    server_states = saved["exchange"].get("servers") if saved is not None else None
+    ex = build_exchange(model, device, run, group, server_states)
+    result = checkpoint.restore(saved, ex) if saved is not None else None
+    start = len(result.records) if result is not None else 0
+    checkpoints = (
+        checkpoint.RunCheckpoints(root, cfg.checkpoint_every, cfg.keep, n_steps, ex, meta, group)
+        if root is not None
+        else None
+    )
     straggler = parse_straggler(cfg.straggler)
-    bar = step_bar(cfg, rank, world, n_steps)
+    bar = step_bar(cfg, rank, world, n_steps, start)
     try:
         result = run_steps(
             ex,
-            step_batches(cfg, data, rank, world, n_steps, per_epoch, batch, device),
+            step_batches(cfg, data, rank, world, n_steps, per_epoch, batch, device, start),
             device,
             evaluate_model=lambda m: evaluate(m, data.x_test, data.y_test, device),
             eval_every=cfg.eval_every,
             slowdown=straggler[1] if straggler is not None and straggler[0] == rank else 1.0,
             bar=bar,
             time_parts=False,
+            result=result,
+            checkpoints=checkpoints,
         )
     finally:
         if bar is not None:
@@ -133,24 +165,26 @@ def step_batches(
     per_epoch: int,
     batch: int,
     device: torch.device,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) of this rank for every step: a new shard at each epoch's start."""
-    shard = torch.empty(0, dtype=torch.long)
-    for step in range(n_steps):
+    """(inputs, labels) of this rank for every step from ``start``: a new shard at each epoch's start (the
+    shards depend on the seed and the epoch only, so a resumed run sees what the original would have)."""
+    shard = None
+    for step in range(start, n_steps):
         epoch, i = divmod(step, per_epoch)
-        if i == 0:
+        if i == 0 or shard is None:
             shard = epoch_shard(cfg, data, rank, world, epoch)
         idx = shard[i * batch : (i + 1) * batch]
         yield data.x_train[idx].to(device), data.y_train[idx].to(device)
 
 
-def step_bar(cfg: TrainConfig, rank: int, world: int, n_steps: int) -> Any:
+def step_bar(cfg: TrainConfig, rank: int, world: int, n_steps: int, start: int = 0) -> Any:
     """The training progress bar (rank 0, unless quiet), or None."""
     if rank != 0 or cfg.quiet:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=n_steps, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
+    return tqdm(total=n_steps, initial=start, desc=f"{cfg.method} x{world}", unit="step", dynamic_ncols=True)
 
 
 def summarize(

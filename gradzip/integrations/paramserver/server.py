@@ -20,10 +20,13 @@ from gradzip.registry import make_config
 from gradzip.util import first_line
 
 
-def serve() -> dict[str, Any]:
-    """Run this process as a parameter server until every worker has closed; returns its statistics.
+def serve(state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run this process as a parameter server until every worker has closed; returns its statistics and its
+    final ``state``.
 
-    Everything it needs (method, options, tensor sizes) comes from worker 0."""
+    Everything it needs (method, options, tensor sizes) comes from worker 0, and so does the state to
+    continue from when a resumed run's worker 0 passed ``server_states``; ``state`` (this server's
+    ``state_dict()``, e.g. from a file of its own) is used where worker 0 sent none."""
     box: list[Any] = [None]
     dist.recv_object_list(box, src=0)
     setup: Setup = box[0]
@@ -34,6 +37,9 @@ def serve() -> dict[str, Any]:
     assert isinstance(cfg, DoubleSqueezeConfig)
     codec = make_codec(cfg, servers, rank, setup.method)
     server = (_AsyncServer if setup.method == ASYNC else _SyncServer)(setup, codec, part, cfg)
+    resumed = setup.state if setup.state is not None else state
+    if resumed is not None:
+        server.load_state_dict(resumed)
     stats = server.run()
     stats.update(server=part, rank=rank, **server.comm.stats.to_dict())
     dist.send_object_list([stats], dst=0)
@@ -67,19 +73,34 @@ class _Server:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """The server's residuals of its part, keyed by tensor name (empty without server error feedback)."""
-        return {"residuals": self.ef.state_dict() if self.ef is not None else {}}
+        """The server's residuals of its part, keyed by tensor name (empty without server error feedback), its
+        codec's random state and traffic."""
+        return {
+            "residuals": self.ef.state_dict() if self.ef is not None else {},
+            "compressor": self.codec.compressor.state_dict(),
+            "stats": self.comm.stats.to_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.ef is not None:
+            self.ef.load_state_dict(sd["residuals"])
+        self.codec.compressor.load_state_dict(sd["compressor"])
+        for k, v in sd["stats"].items():
+            setattr(self.comm.stats, k, int(v))
 
 
 class _SyncServer(_Server):
     def run(self) -> dict[str, Any]:
-        workers, step = self.setup.workers, 0
+        workers = self.setup.workers
         while True:
             pending = [wire.message(self.width) for _ in range(workers)]
             works = [self.comm.irecv(buf, i) for i, buf in enumerate(pending)]
             for i, work in enumerate(works):
                 self._wait(i, work)
-            flags = [wire.header(buf)[1] for buf in pending]
+            headers = [wire.header(buf) for buf in pending]
+            # The step is the workers' (random-k's indices are drawn per step: a server counting on its own
+            # would disagree with them after a resume); every worker must be at the same one.
+            step, flags = headers[0][0], [f for _, f in headers]
             if any(f & wire.STOP for f in flags):
                 if not all(f & wire.STOP for f in flags):
                     late = [i for i, f in enumerate(flags) if not f & wire.STOP]
@@ -88,13 +109,19 @@ class _SyncServer(_Server):
                     )
                 self.comm.stats.steps = step
                 return {}
+            if any(s != step for s, _ in headers):
+                raise wire.WorkerLost(
+                    f"server {self.part}: the workers sent different steps {[s for s, _ in headers]}: their "
+                    "states do not belong to the same run"
+                )
             rows = torch.stack([wire.payload(buf) for buf in pending])
             received = self.codec.aggregate(rows, self.numels, self.names, self.part, "", step)
             payloads = server_step(self.codec, self.ef, received, self.names, self.part, step)
             sends = [self._reply(i, step, payloads) for i in range(workers)]
             for i, work in enumerate(sends):
                 self._wait(i, work)
-            step += 1
+            if any(f & wire.CHECKPOINT for f in flags):
+                dist.send_object_list([self.state_dict()], dst=0)  # worker 0 writes it into its checkpoint
 
 
 class _AsyncServer(_Server):
@@ -109,6 +136,9 @@ class _AsyncServer(_Server):
 
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        raise ValueError("the asynchronous servers cannot continue from a saved state (see PSWorker)")
 
     def run(self) -> dict[str, Any]:
         n = self.setup.workers

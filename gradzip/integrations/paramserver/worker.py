@@ -25,6 +25,10 @@ class PSWorker:
     Synchronous: the gradients are replaced by the servers' aggregate ``C(v)``; run the optimizer after.
     Asynchronous: the servers run the optimizer; ``step()`` applies the servers' update to the parameters
     (no optimizer on the worker). ``close()`` at the end (the servers return once every worker has closed).
+
+    State: ``state_dict()`` is this worker's; the servers' comes to worker 0 at a step that every worker
+    announced with ``collect_server_states()`` (``server_states`` after that step), and goes back to the
+    servers through ``server_states=`` when a resumed run builds worker 0's ``PSWorker``.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class PSWorker:
         lr: float | None = None,
         momentum: float = 0.0,
         timeout: float = 300.0,
+        server_states: list[dict[str, Any]] | None = None,
         **options: Any,
     ) -> None:
         if method not in (SYNC, ASYNC):
@@ -68,9 +73,15 @@ class PSWorker:
         self.step_count = 0
         self.wait_s = 0.0
         self.server_stats: list[dict[str, Any]] = []
+        self.server_states: list[dict[str, Any]] | None = None
+        """Worker 0: every server's state after the last step announced by ``collect_server_states()``."""
+        self._collect = False
+        if server_states is not None and len(server_states) != servers:
+            raise ValueError(f"server_states holds {len(server_states)} states for {servers} servers")
         if self.rank == 0:
             for s, dst in enumerate(self.servers):
                 setup = Setup(method, cfg.to_dict(), self.names, list(self.numels), self.workers, timeout)
+                setup.state = server_states[s] if server_states is not None else None
                 if self.asynchronous:
                     setup.lr, setup.momentum = float(lr or 0.0), momentum
                     flats = [p.detach().reshape(-1).float().cpu() for _, p in self.params]
@@ -82,12 +93,13 @@ class PSWorker:
         return self.comm.stats
 
     def state_dict(self) -> dict[str, Any]:
-        """The worker's residuals and velocity (keyed by parameter name), compressor RNG and step."""
+        """The worker's residuals and velocity (keyed by parameter name), compressor RNG, step and traffic."""
         return {
             "step": self.step_count,
             "residuals": self.ef.state_dict(),
             "velocity": self.velocity.state_dict(),
             "compressor": self.codec.compressor.state_dict(),
+            "stats": self.stats.to_dict(),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -95,6 +107,18 @@ class PSWorker:
         self.ef.load_state_dict(sd["residuals"])
         self.velocity.load_state_dict(sd["velocity"])
         self.codec.compressor.load_state_dict(sd["compressor"])
+        for k, v in sd.get("stats", {}).items():
+            setattr(self.stats, k, int(v))
+
+    def collect_server_states(self) -> None:
+        """Ask every server for its state after the next step (every worker calls it before the same step;
+        worker 0 then finds the states in ``server_states``)."""
+        if self.asynchronous:
+            raise ValueError(
+                "the asynchronous servers apply pushes in arrival order: their state at a worker's step is not "
+                "a state the run can continue from exactly, so it is not collected"
+            )
+        self._collect = True
 
     def _wait(self, works: list[tuple[int, Any]]) -> None:
         start = time.perf_counter()
@@ -113,8 +137,9 @@ class PSWorker:
             self.ef, self.velocity, [g.detach() for g in grads], self.names, push_tag, self.step_count
         )
         works, replies = [], []
+        flags = wire.CHECKPOINT if self._collect else 0
         for (s, dst), payloads in zip(enumerate(self.servers), pushes, strict=True):
-            msg = wire.message(self.widths[s], self.step_count)
+            msg = wire.message(self.widths[s], self.step_count, flags)
             self.codec.pack(payloads, self.numels, s, wire.payload(msg))
             works.append((s, self.comm.isend(msg, dst)))
             reply = wire.message(self.widths[s])
@@ -137,7 +162,18 @@ class PSWorker:
         if not self.asynchronous:
             for (_, p), g in zip(self.params, grads, strict=True):
                 p.grad = g
+        if self._collect:
+            self._collect = False
+            if self.rank == 0:  # each server sends its state right after its replies
+                self.server_states = [self._receive_object(s) for s in range(len(self.servers))]
         self.step_count += 1
+
+    def _receive_object(self, s: int) -> Any:
+        box: list[Any] = [None]
+        start = time.perf_counter()
+        dist.recv_object_list(box, src=self.servers[s])
+        self.wait_s += time.perf_counter() - start
+        return box[0]
 
     def close(self) -> list[dict[str, Any]]:
         """Tell the servers this worker is done. Asynchronous: load the servers' final (authoritative) model.

@@ -1,0 +1,203 @@
+"""Checkpoints and exact resume, on real processes through ``run_worker``: for every method family, N steps
+straight and k steps, a resume and N - k more give bit-identical models, optimizers and method states; a
+checkpoint of another run, a corrupt one or one past the run's end is refused before any worker starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gradzip.cli import main
+from gradzip.train import checkpoint
+from gradzip.train.config import TrainConfig
+from gradzip.train.worker import run_worker
+from tests.distributed import free_port, run_workers
+
+N, K = 12, 6  # steps of a run, and where the interrupted one stops
+
+
+def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a nested state, by path."""
+    if isinstance(x, dict):
+        return {k: v for key, value in x.items() for k, v in _flat(value, f"{prefix}/{key}").items()}
+    if isinstance(x, (list, tuple)):
+        return {k: v for i, value in enumerate(x) for k, v in _flat(value, f"{prefix}[{i}]").items()}
+    return {prefix: x}
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The leaves of two states that are not bit-identical (tensors compared with torch.equal)."""
+    fa, fb = _flat(a), _flat(b)
+    out = sorted(set(fa) ^ set(fb))
+    for key in set(fa) & set(fb):
+        x, y = fa[key], fb[key]
+        same = torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        if not same:
+            out.append(key)
+    return sorted(out)
+
+
+def _runs(
+    rank: int, world: int, cases: list[tuple[str, dict[str, Any], int]], root: str, ports: list[int]
+) -> None:
+    """For each case: N steps straight; K steps; a resume to N (every run on a fresh rendezvous)."""
+    plans = [("straight", N, False), ("resumed", K, False), ("resumed", N, True)]
+    runs = [(i, case, plan) for i, case in enumerate(cases) for plan in plans]
+    for (i, (method, options, workers), (name, steps, resume)), port in zip(runs, ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        cfg = TrainConfig(
+            method=method, options=dict(options), workers=workers, steps=steps, quiet=True, backend="gloo",
+            checkpoint_dir=f"{root}/{i}-{name}", checkpoint_every=K, resume=resume,
+        )  # fmt: skip
+        run_worker(cfg)
+
+
+def _ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
+
+
+def _states(root: Path, case: int, name: str, step: int, ranks: int) -> list[dict[str, Any]]:
+    return [checkpoint.load(root / f"{case}-{name}", step, r) for r in range(ranks)]
+
+
+def _check_exact(root: Path, case: int, processes: int) -> None:
+    straight = _states(root, case, "straight", N, processes)
+    resumed = _states(root, case, "resumed", N, processes)
+    for rank, (a, b) in enumerate(zip(straight, resumed, strict=True)):
+        for part in ("model", "optimizer", "exchange", "rng"):
+            assert not differences(a[part], b[part]), (case, rank, part, differences(a[part], b[part])[:5])
+        assert [r["loss"] for r in a["records"]] == [r["loss"] for r in b["records"]], (case, rank)
+        assert a["step"] == b["step"] == N and len(b["records"]) == N
+        # Not vacuous: the run moved on after the checkpoint it resumed from.
+        assert differences(checkpoint.load(root / f"{case}-resumed", K, rank)["model"], b["model"])
+
+
+HOOKS = [
+    ("acpsgd", {}, 2),
+    ("powersgd", {"rank": 2}, 2),
+    ("signsgd", {}, 2),
+    ("randomk", {}, 2),  # with the run's momentum as DGC momentum correction: velocity and masks
+    ("doublesqueeze", {"compressor": "topk"}, 2),  # sharded: worker and server residuals
+]
+
+
+def test_hook_methods_resume_exactly(tmp_path: Path) -> None:
+    run_workers(_runs, 2, HOOKS, str(tmp_path), _ports(3 * len(HOOKS)), init=False, timeout=400)
+    for case in range(len(HOOKS)):
+        _check_exact(tmp_path, case, 2)
+    # keep=2 (the default): of the checkpoints at 6 and 12, both remain; the interrupted run's too.
+    assert sorted(p.name for p in (tmp_path / "0-straight").iterdir()) == ["step-00000006", "step-00000012"]
+
+
+GOSSIP = [("powergossip", {"topology": "ring"}, 3), ("choco", {"topology": "ring"}, 3)]
+
+
+def test_gossip_methods_resume_exactly(tmp_path: Path) -> None:
+    run_workers(_runs, 3, GOSSIP, str(tmp_path), _ports(3 * len(GOSSIP)), init=False, timeout=400)
+    for case in range(len(GOSSIP)):
+        _check_exact(tmp_path, case, 3)
+
+
+def test_dedicated_servers_resume_exactly(tmp_path: Path) -> None:
+    """Two workers and two servers: the servers' residuals travel in worker 0's checkpoint and back."""
+    cases = [("doublesqueeze", {"placement": "server", "servers": 2, "compressor": "randomk"}, 2)]
+    run_workers(_runs, 4, cases, str(tmp_path), _ports(3), init=False, timeout=400)
+    _check_exact(tmp_path, 0, 2)
+    servers = checkpoint.load(tmp_path / "0-resumed", N, 0)["exchange"]["servers"]
+    assert len(servers) == 2 and all(s["residuals"] for s in servers)  # both servers' state, non-empty
+
+
+def _tampered(rank: int, world: int, root: str, port: int) -> None:
+    """The negative control: resume from a checkpoint whose error-feedback residuals were zeroed."""
+    os.environ["MASTER_PORT"] = str(port)
+    cfg = TrainConfig(
+        method="acpsgd", workers=2, steps=N, quiet=True, backend="gloo", checkpoint_dir=f"{root}/9-resumed",
+        checkpoint_every=K, resume=True,
+    )  # fmt: skip
+    run_worker(cfg)
+
+
+def test_the_method_state_is_what_makes_a_resume_exact(tmp_path: Path) -> None:
+    run_workers(_runs, 2, HOOKS[:1], str(tmp_path), _ports(3), init=False, timeout=400)
+    # The same interrupted run, with the method's residuals zeroed in the checkpoint it resumes from.
+    source, copy = tmp_path / "0-resumed", tmp_path / "9-resumed"
+    copy.mkdir()
+    step_k = checkpoint.step_dir(copy, K)
+    step_k.mkdir()
+    for name in ("meta.json", "rank0.pt", "rank1.pt"):
+        (step_k / name).write_bytes((checkpoint.step_dir(source, K) / name).read_bytes())
+    for rank in range(2):
+        state = checkpoint.load(copy, K, rank)
+        residuals = state["exchange"]["hook"]["reducer"]["residuals"]
+        assert residuals and any(bool(t.any()) for t in residuals.values())
+        for t in residuals.values():
+            t.zero_()
+        checkpoint.save(copy, K, rank, state)
+    run_workers(_tampered, 2, str(tmp_path), free_port(), init=False, timeout=200)
+    straight = checkpoint.load(tmp_path / "0-straight", N, 0)
+    assert differences(straight["model"], checkpoint.load(copy, N, 0)["model"])
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def _short_run(rank: int, world: int, root: str, port: int) -> None:
+    os.environ["MASTER_PORT"] = str(port)
+    run_worker(
+        TrainConfig(method="acpsgd", workers=2, steps=4, quiet=True, backend="gloo", checkpoint_dir=root)
+    )
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(["train", "--backend", "gloo", "--quiet", *argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    _, err = capsys.readouterr()
+    return code, err
+
+
+def test_another_runs_or_a_broken_checkpoint_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "ck"
+    run_workers(_short_run, 2, str(root), free_port(), init=False, timeout=200)
+    assert checkpoint.steps_with(root, 0) == [4]  # after the last step
+    resume = ["--resume", "--checkpoint-dir", str(root), "--steps", "8"]
+    for argv, needle in [
+        (["--method", "powersgd"], "method was 'acpsgd', this run has 'powersgd'"),
+        (["--method", "acpsgd", "--rank", "2"], "options was"),
+        (["--method", "acpsgd", "--workers", "3"], "workers was 2, this run has 3"),
+        (["--method", "acpsgd", "--model", "cnn"], "model was 'mlp'"),
+        (["--method", "acpsgd", "--steps", "2"], "is past this run's 2 steps"),
+    ]:
+        code, err = _cli([*resume, *argv], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # Truncated, as by a crash of the disk (a crash of the process cannot do it: files are renamed into place).
+    path = checkpoint.rank_file(root, 4, 1)
+    path.write_bytes(path.read_bytes()[:100])
+    code, err = _cli([*resume, "--method", "acpsgd"], capsys)
+    assert code == 2 and "cannot be read" in err and "Traceback" not in err, err
+    code, err = _cli(["--checkpoint-every", "3"], capsys)
+    assert code == 2 and "need checkpoint_dir" in err
+    code, err = _cli(["--method", "doublesqueeze-async", "--checkpoint-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "cannot checkpoint yet" in err
+
+
+def _agree(rank: int, world: int, root: str) -> int | None:
+    return checkpoint.agreed_step(Path(root))
+
+
+def test_the_resumed_step_is_the_latest_every_worker_holds(tmp_path: Path) -> None:
+    # Rank 1 died while writing step 20: its file is missing (a temporary one is left), rank 0's is there.
+    for step, ranks in [(10, (0, 1)), (20, (0,))]:
+        for rank in ranks:
+            checkpoint.save(tmp_path, step, rank, {"step": step})
+    (checkpoint.step_dir(tmp_path, 20) / ".rank1.pt.abc").write_bytes(b"half a file")
+    assert run_workers(_agree, 2, str(tmp_path)) == [10, 10]
+    checkpoint.save(tmp_path, 20, 1, {"step": 20})
+    assert run_workers(_agree, 2, str(tmp_path)) == [20, 20]

@@ -117,6 +117,14 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         help="continue from the latest checkpoint in --checkpoint-dir that every worker holds (afresh if none)",
     )
     saving.add_argument("--keep", type=positive_int, default=d.keep, metavar="N", help="checkpoints kept")
+    saving.add_argument(
+        "--max-restarts",
+        type=int,
+        default=d.max_restarts,
+        metavar="R",
+        help="when a worker dies, start every worker again up to R times, from the latest checkpoint "
+        "(local runs; under torchrun, torchrun's own --max-restarts does this)",
+    )
     add_method_options(train)
 
 
@@ -149,7 +157,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             bucket_cap_mb=args.bucket_cap_mb, timeout=args.timeout, quiet=args.quiet,
             eval_every=args.eval_every, target_accuracy=args.target_accuracy, data_split=args.data_split,
             straggler=args.straggler, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, keep=args.keep,
+            resume=args.resume, keep=args.keep, max_restarts=args.max_restarts,
         )  # fmt: skip
         preflight(cfg)
         # Only rank 0 writes the summary (under torchrun the path may exist on its machine alone).

@@ -74,18 +74,39 @@ def fingerprint(cfg: Any, model: torch.nn.Module, world: int) -> dict[str, Any]:
     }
 
 
+def first_difference(theirs: dict[str, Any], mine: dict[str, Any], verb: str = "was") -> str | None:
+    """The first thing two fingerprints disagree on, in words ("method was 'acpsgd', this run has ..."), or
+    None when they agree."""
+    for key, value in mine.items():
+        if theirs.get(key) != value:
+            if key == "parameters":
+                names = sorted(set(theirs.get(key, {})) ^ set(value)) or [
+                    n for n in value if theirs[key].get(n) != value[n]
+                ]
+                return f"the model's parameters differ (first: {names[0]!r})"
+            return f"{key} {verb} {theirs.get(key)!r}, this run has {value!r}"
+    return None
+
+
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Refuse a checkpoint of another run, naming the first thing that differs."""
-    for key, value in current.items():
-        if saved.get(key) != value:
-            if key == "parameters":
-                names = sorted(set(saved.get(key, {})) ^ set(value)) or [
-                    n for n in value if saved[key].get(n) != value[n]
-                ]
-                detail = f"the model's parameters differ (first: {names[0]!r})"
-            else:
-                detail = f"{key} was {saved.get(key)!r}, this run has {value!r}"
-            raise CheckpointError(f"checkpoint {where} is of another run: {detail}")
+    detail = first_difference(saved, current)
+    if detail is not None:
+        raise CheckpointError(f"checkpoint {where} is of another run: {detail}")
+
+
+def check_same_run_everywhere(mine: dict[str, Any], group: dist.ProcessGroup | None = None) -> None:
+    """Before the first step, every worker compares its run's fingerprint with worker 0's (a collective):
+    workers started with different methods, options, models or gradzip versions fail at once, every one of
+    them with a message saying what differs, instead of hanging in mismatched collectives or training on
+    garbage."""
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        detail = first_difference(everyone[0], theirs, verb="is")
+        if detail is not None:
+            detail = detail.replace("this run has", f"on worker {rank} it is")
+            raise ValueError(f"the workers were started differently: on worker 0 {detail}")
 
 
 def save(root: Path, step: int, rank: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:

@@ -78,6 +78,8 @@ class TrainConfig:
     """Resume from the latest checkpoint in ``checkpoint_dir`` that every worker holds (start afresh if none)."""
     keep: int = 2
     """Checkpoints kept; older ones are removed once every worker has written a newer one."""
+    max_restarts: int = 0
+    """Restart every worker this many times at most when one dies; they continue from the latest checkpoint."""
 
     def __post_init__(self) -> None:
         # Sparsifiers apply the run's momentum themselves (DGC momentum correction) unless told otherwise:
@@ -146,6 +148,14 @@ class TrainConfig:
             raise ValueError(f"keep={self.keep!r} is invalid: keep must be an integer >= 1")
         if self.checkpoint_dir is None and (self.checkpoint_every or self.resume):
             raise ValueError("checkpoint_every and resume need checkpoint_dir (where the checkpoints are)")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(
+                f"max_restarts={self.max_restarts!r} is invalid: max_restarts must be an integer >= 0"
+            )
+        if self.max_restarts and self.checkpoint_dir is None:
+            raise ValueError(
+                "max_restarts needs checkpoint_dir: restarted workers continue from the latest checkpoint"
+            )
         if self.checkpoint_dir is not None and get_spec(self.method).kind == "server":
             # Its servers apply pushes in arrival order: no two runs are the same, so no resume can be exact.
             raise ValueError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradzip.registry import servers_needed
+from gradzip.train import rendezvous
 from gradzip.train.config import TrainConfig
 from gradzip.train.env import under_torchrun
 from gradzip.train.summary import RunSummary
@@ -67,13 +68,15 @@ def _guarded(entrypoint: Entrypoint, report_dir: str, cfg: TrainConfig) -> Any:
     The launcher reports only the first worker it sees dead, which is often a survivor whose collective broke
     because the real culprit had already gone; these reports let the parent name the culprit instead.
     """
+    rank = int(os.environ.get("RANK", "0"))
+    with contextlib.suppress(OSError):  # a report of an earlier attempt (before a restart) is not this one's
+        Path(report_dir, f"rank{rank}.json").unlink(missing_ok=True)
     try:
         result = entrypoint(cfg)
         # The launcher pickles the result to hand it back: a failure to do so must be this worker's error
         # here, not a missing result after it has left (below).
         pickle.dumps(result)
     except BaseException as err:
-        rank = int(os.environ.get("RANK", "0"))
         detail = f"{type(err).__name__}: {last_line(str(err))}".rstrip(": ")
         report = {"rank": rank, "time": time.time(), "detail": detail}
         with contextlib.suppress(OSError):
@@ -136,8 +139,10 @@ def _failure_detail(failure: Any) -> str:
 def spawn(cfg: TrainConfig, entrypoint: Entrypoint = run_worker) -> Any:
     """Run ``entrypoint(cfg)`` on ``cfg.workers`` local processes; returns rank 0's return value.
 
-    When one worker fails the agent stops the others (no restarts), so a dead peer ends the run instead of
-    leaving the rest blocked in a collective until the timeout; the failure is raised as WorkerError.
+    When one worker fails the agent stops the others, so a dead peer ends the run instead of leaving the rest
+    blocked in a collective until the timeout; the failure is raised as WorkerError. With
+    ``cfg.max_restarts``, the agent starts every worker again instead, up to that many times, and they
+    continue from the latest checkpoint (``run_worker`` resumes when it is a restart).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -149,11 +154,11 @@ def spawn(cfg: TrainConfig, entrypoint: Entrypoint = run_worker) -> Any:
         # Dedicated parameter servers (DoubleSqueeze placement="server") are processes of their own.
         nproc_per_node=cfg.workers + servers_needed(cfg.method, cfg.options),
         run_id=f"gradzip-{uuid.uuid4().hex[:12]}",
-        rdzv_backend="c10d",
+        rdzv_backend=rendezvous.register(),  # c10d's, on loopback only
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         # The rendezvous of local processes takes seconds; a long wait means something is broken.
         rdzv_configs={"timeout": int(max(60, cfg.timeout))},
-        max_restarts=0,
+        max_restarts=cfg.max_restarts,
         # spawn, not fork: the parent may already run threads (torch's intra-op pool) that fork would break.
         start_method="spawn",
         local_addr="127.0.0.1",

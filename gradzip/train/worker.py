@@ -56,7 +56,7 @@ def run_worker(cfg: TrainConfig) -> RunSummary | None:
         device = torch.device("cpu")
         torch.set_num_threads(threads_per_worker())
 
-    dist.init_process_group(cfg.backend, timeout=timedelta(seconds=cfg.timeout))
+    init_process_group(cfg.backend, timedelta(seconds=cfg.timeout))
     try:
         return _train(cfg, device)
     finally:
@@ -64,6 +64,28 @@ def run_worker(cfg: TrainConfig) -> RunSummary | None:
         # objects freed during interpreter teardown can abort the process (pytorch#190489).
         gc.collect()
         dist.destroy_process_group()
+
+
+def init_process_group(backend: str, timeout: timedelta) -> None:
+    """``init_process_group`` from the environment (env://). Under an elastic agent (``gradzip train
+    --max-restarts``, torchrun) every attempt gets keys of its own in the agent's store: the store outlives a
+    restart, and a worker of the new attempt must not read an address its dead predecessor published
+    (seen: "connectFullMesh failed ... Connection refused" on every restart)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+        is_master=False, timeout=timeout,
+    )  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"/gradzip/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
 
 
 def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
@@ -85,8 +107,11 @@ def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
     data, n_steps, per_epoch, batch, model = setup_run(cfg, device, world)
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     meta = checkpoint.fingerprint(cfg, model, world)
+    checkpoint.check_same_run_everywhere(meta, group)
     saved = None
-    if root is not None and cfg.resume:
+    # A restart after a worker died (the launcher's --max-restarts, or torchrun's) continues where it was.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if root is not None and (cfg.resume or restarted):
         step = checkpoint.agreed_step(root, group)  # the latest one every worker holds (a collective)
         if step is not None:
             if rank == 0:

@@ -108,6 +108,58 @@ def test_doublesqueeze_carries_tensors_smaller_than_its_parts() -> None:
         assert r["identical"] and r["finite"], (compressor, r)
 
 
+class Branchy(nn.Module):
+    """A model whose second branch is skipped on odd steps: its parameters then get no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(36, 16)
+        self.branch = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+        self.skip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x.flatten(1)))
+        if not self.skip:
+            h = h + torch.tanh(self.branch(h))
+        return self.head(h)
+
+
+def _unused(rank: int, world: int) -> dict[str, Any]:
+    out = {}
+    for method in METHODS:
+        net = Branchy()
+        model = DDP(net, find_unused_parameters=True, bucket_cap_mb=0.001)
+        state, hook = gradzip.ddp_hook(method, model=model)
+        model.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen = []
+        for step in range(4):
+            net.skip = step % 2 == 1
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            every = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(every, flat)
+            seen.append(torch.stack(every))
+        out[method] = {
+            "identical": all(bool((s == s[0]).all()) for s in seen),
+            "steps": state.stats.steps,
+            "keys": sorted(state.state_dict()["reducer"].get("residuals", {})),
+        }
+    return out
+
+
+def test_parameters_without_a_gradient_never_stall_a_bucket_or_split_the_workers() -> None:
+    results = run_workers(_unused, 2, timeout=300)
+    for method, r in results[0].items():
+        assert r["identical"] and r["steps"] == 4, (method, r)
+        assert r["keys"] == results[1][method]["keys"], method  # the same residuals on both workers
+
+
 def _ssgd_vs_ddp(rank: int, world: int) -> bool:
     ref, ours = DDP(mixed_net(), bucket_cap_mb=0.004), DDP(mixed_net(), bucket_cap_mb=0.004)
     state, hook = gradzip.ddp_hook("ssgd", model=ours)

@@ -184,6 +184,8 @@ def test_another_runs_or_a_broken_checkpoint_is_refused_before_training(
     assert code == 2 and "cannot be read" in err and "Traceback" not in err, err
     code, err = _cli(["--checkpoint-every", "3"], capsys)
     assert code == 2 and "need checkpoint_dir" in err
+    code, err = _cli(["--max-restarts", "2"], capsys)
+    assert code == 2 and "max_restarts needs checkpoint_dir" in err
     code, err = _cli(["--method", "doublesqueeze-async", "--checkpoint-dir", str(tmp_path / "a")], capsys)
     assert code == 2 and "cannot checkpoint yet" in err
 
@@ -201,3 +203,77 @@ def test_the_resumed_step_is_the_latest_every_worker_holds(tmp_path: Path) -> No
     assert run_workers(_agree, 2, str(tmp_path)) == [10, 10]
     checkpoint.save(tmp_path, 20, 1, {"step": 20})
     assert run_workers(_agree, 2, str(tmp_path)) == [20, 20]
+
+
+# ------------------------------------------------------------------------------------------ crashes
+
+
+def _killed_at(cfg: TrainConfig) -> Any:
+    """``run_worker``, except that rank 1 kills itself with SIGKILL as its step 8 begins: in the first attempt
+    only when GRADZIP_TEST_KILL_ONCE is set (the launcher then restarts every worker), else in every one."""
+    import signal
+
+    import gradzip.train.worker as worker
+
+    once = os.environ.get("GRADZIP_TEST_KILL_ONCE") == "1"
+    first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if os.environ["RANK"] == "1" and (first or not once):
+        run_steps = worker.run_steps
+
+        def dying(ex: Any, batches: Any, *args: Any, **kwargs: Any) -> Any:
+            start = len(kwargs["result"].records) if kwargs.get("result") is not None else 0
+
+            def until_step_8() -> Any:
+                for step, batch in enumerate(batches, start=start):
+                    if step == 8:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield batch
+
+            return run_steps(ex, until_step_8(), *args, **kwargs)
+
+        worker.run_steps = dying  # type: ignore[assignment]
+    return run_worker(cfg)
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint_and_the_run_ends_as_if_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradzip.train.launch import spawn
+
+    common = {"method": "acpsgd", "workers": 2, "steps": N, "quiet": True, "backend": "gloo", "timeout": 60}
+    spawn(TrainConfig(**common, checkpoint_dir=str(tmp_path / "straight"), checkpoint_every=K))  # type: ignore[arg-type]
+    monkeypatch.setenv("GRADZIP_TEST_KILL_ONCE", "1")
+    cfg = TrainConfig(**common, checkpoint_dir=str(tmp_path / "killed"), checkpoint_every=K, max_restarts=1)  # type: ignore[arg-type]
+    summary = spawn(cfg, _killed_at)
+    assert summary is not None and summary.steps == N and len(summary.history) == N
+    for rank in range(2):
+        a, b = (checkpoint.load(tmp_path / name, N, rank) for name in ("straight", "killed"))
+        for part in ("model", "optimizer", "exchange"):
+            assert not differences(a[part], b[part]), (rank, part)
+    # Not vacuous: without restarts the same death ends the run, naming the rank that died.
+    from gradzip.train.launch import WorkerError
+
+    monkeypatch.delenv("GRADZIP_TEST_KILL_ONCE")
+    with pytest.raises(WorkerError, match="worker rank 1 failed: killed by signal SIGKILL"):
+        spawn(TrainConfig(**common, checkpoint_dir=str(tmp_path / "dead"), checkpoint_every=K), _killed_at)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "processes"),
+    [("acpsgd", {}, 2), ("doublesqueeze", {"placement": "server"}, 3), ("powergossip", {}, 2)],
+    ids=["hook", "servers", "gossip"],
+)
+def test_without_restarts_a_dead_worker_ends_every_kind_of_run_naming_it(
+    method: str, options: dict[str, Any], processes: int
+) -> None:
+    import time
+
+    from gradzip.train.launch import WorkerError, spawn
+
+    cfg = TrainConfig(
+        method=method, options=options, workers=2, steps=N, quiet=True, backend="gloo", timeout=30
+    )
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker rank 1 failed: killed by signal SIGKILL"):
+        spawn(cfg, _killed_at)
+    assert time.monotonic() - start < 30  # the survivors are stopped: no wait for the timeout

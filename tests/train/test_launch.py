@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from gradzip.train.config import TrainConfig
 from gradzip.train.env import under_torchrun
 from gradzip.train.launch import WorkerError, _describe_failure, spawn
+from gradzip.train.worker import run_worker
 
 
 def _entry_rank1_dies(cfg: TrainConfig) -> None:
@@ -90,3 +92,77 @@ def _entry_aborts_at_exit(cfg: TrainConfig) -> dict[str, int]:
 def test_a_finished_worker_that_aborts_at_teardown_is_not_a_failure() -> None:
     cfg = TrainConfig(method="ssgd", workers=2, backend="gloo", timeout=60)
     assert spawn(cfg, _entry_aborts_at_exit) == {"rank": 0}
+
+
+def _started_differently(rank: int, world: int, port: int, options: list[dict[str, int]]) -> str:
+    os.environ["MASTER_PORT"] = str(port)
+    cfg = TrainConfig(
+        method="acpsgd", options=options[rank], workers=world, steps=3, quiet=True, backend="gloo"
+    )
+    try:
+        run_worker(cfg)
+    except ValueError as err:
+        return str(err)
+    return "trained"
+
+
+def test_workers_started_differently_all_fail_saying_what_differs() -> None:
+    from tests.distributed import free_port, run_workers
+
+    got = run_workers(
+        _started_differently, 2, free_port(), [{"rank": 4}, {"rank": 2}], init=False, timeout=120
+    )
+    for message in got:
+        assert message.startswith("the workers were started differently: on worker 0 options is "), message
+        assert "'rank': 4" in message and "on worker 1 it is" in message and "'rank': 2" in message
+    # Control: the same options on both train.
+    same = run_workers(
+        _started_differently, 2, free_port(), [{"rank": 4}, {"rank": 4}], init=False, timeout=120
+    )
+    assert same == ["trained", "trained"]
+
+
+def _listening(pids: list[int]) -> list[str]:
+    """The addresses the given processes listen on for TCP (from /proc: no tool needed)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address = bytes.fromhex(fields[1].split(":")[0][:width])
+                found.append(
+                    socket.inet_ntop(
+                        socket.AF_INET if width == 8 else socket.AF_INET6,
+                        address[::-1] if width == 8 else address,
+                    )
+                )
+    return found
+
+
+def _entry_listens(cfg: TrainConfig) -> list[str]:
+    from datetime import timedelta
+
+    from gradzip.train.worker import init_process_group
+
+    init_process_group("gloo", timedelta(seconds=30))
+    try:
+        dist.all_reduce(torch.ones(1))  # every pair connected
+        return _listening([os.getpid(), os.getppid()])  # the worker's and the launcher's (the store) sockets
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_local_run_listens_on_loopback_only() -> None:
+    cfg = TrainConfig(method="ssgd", workers=2, backend="gloo", timeout=60)
+    addresses = spawn(cfg, _entry_listens)
+    assert addresses, "no listening socket found: the check would be vacuous"
+    assert all(a in ("127.0.0.1", "::1") for a in addresses), addresses

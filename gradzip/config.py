@@ -35,7 +35,7 @@ def check(ok: bool, name: str, value: Any, valid: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {name} must be {valid}")
 
 
-def _check_type(name: str, annotation: Any, value: Any) -> Any:
+def check_type(name: str, annotation: Any, value: Any) -> Any:
     """The value of a bool, int, float or str field (or ``X | None``), type-checked (ints are accepted for
     floats)."""
     kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
@@ -67,7 +67,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         # Types first, so every later check compares numbers, and a wrong type is a ValueError naming it.
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _check_type(f.name, f.type, getattr(self, f.name)))
+            setattr(self, f.name, check_type(f.name, f.type, getattr(self, f.name)))
 
     @classmethod
     def from_options(cls, method: str, options: dict[str, Any]) -> MethodConfig:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from gradzip.comm.topology import make_topology
+from gradzip.config import check_type
 from gradzip.registry import METHODS, family, get_spec, make_config
 from gradzip.train.env import default_backend, local_processes
 
@@ -82,6 +83,12 @@ class TrainConfig:
     """Restart every worker this many times at most when one dies; they continue from the latest checkpoint."""
 
     def __post_init__(self) -> None:
+        # Types first, so every later check compares numbers, and a wrong type is a ValueError naming it.
+        for f in dataclasses.fields(self):
+            if f.name != "options":
+                setattr(self, f.name, check_type(f.name, f.type, getattr(self, f.name)))
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options={self.options!r} is invalid: options must be a dict of method options")
         # Sparsifiers apply the run's momentum themselves (DGC momentum correction) unless told otherwise:
         # optimizer momentum on top of error-feedback sparsification diverges (random-k at 1% on digits).
         fields = (

@@ -47,7 +47,9 @@ def test_any_method_options_give_a_config_or_a_value_error_naming_them(
         cfg = make_config(method, **options)
     except ValueError as err:
         message = str(err)
-        assert "\n" not in message and any(repr(name) in message or name in message for name in options), message
+        assert "\n" not in message and any(repr(name) in message or name in message for name in options), (
+            message
+        )
         return
     # Accepted: every value is of its field's type, and a float is finite.
     hints = typing.get_type_hints(type(cfg))

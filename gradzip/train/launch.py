@@ -118,8 +118,17 @@ def _describe_failure(err: Exception, report_dir: str | None = None) -> WorkerEr
             )
     if not reports:
         return WorkerError(f"a worker failed: {last_line(str(err)) or type(err).__name__}")
-    # A rank that failed by itself comes before one that lost its peer; then the earliest.
-    first = min(reports, key=lambda r: (_is_consequence(r["detail"]), r["time"], r["rank"]))
+
+    # A rank that failed by itself comes first, then one that the survivors' roll call found not answering
+    # (worker.PeerStalled), then one that lost its peer; then the earliest.
+    def order(r: dict[str, Any]) -> tuple[int, float, int]:
+        kind = 1 if r["detail"].startswith("PeerStalled: ") else 2 if _is_consequence(r["detail"]) else 0
+        return kind, r["time"], r["rank"]
+
+    first = min(reports, key=order)
+    if first["detail"].startswith("PeerStalled: "):
+        detail = first["detail"].removeprefix("PeerStalled: ")
+        return WorkerError(detail, rank=int(detail.split()[2].rstrip(",")))
     more = f" ({len(reports)} ranks failed)" if len(reports) > 1 else ""
     return WorkerError(f"worker rank {first['rank']} failed: {first['detail']}{more}", rank=first["rank"])
 

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import os
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -59,11 +60,58 @@ def run_worker(cfg: TrainConfig) -> RunSummary | None:
     init_process_group(cfg.backend, timedelta(seconds=cfg.timeout))
     try:
         return _train(cfg, device)
+    except RuntimeError as err:
+        if not _is_a_failed_wait(err):
+            raise
+        stalled = unanswering_workers(cfg.workers, min(10.0, cfg.timeout))
+        if not stalled:
+            raise
+        raise PeerStalled(stalled, cfg.timeout) from err
     finally:
         # Free the model, DDP and the hook (reference cycles) while the interpreter is fully alive: gloo work
         # objects freed during interpreter teardown can abort the process (pytorch#190489).
         gc.collect()
         dist.destroy_process_group()
+
+
+class PeerStalled(RuntimeError):
+    """Workers that stopped answering (stalled, or gone): a wait on them failed, and they did not answer the
+    survivors' roll call either. ``ranks`` are their global ranks."""
+
+    def __init__(self, ranks: list[int], timeout: float) -> None:
+        names = ", ".join(map(str, ranks))
+        super().__init__(
+            f"worker rank {names} stopped answering: a wait on {'it' if len(ranks) == 1 else 'them'} failed "
+            f"after {timeout:g}s and {'it' if len(ranks) == 1 else 'they'} did not answer the other workers"
+        )
+        self.ranks = ranks
+
+
+# Words of a failed wait on another process (gloo's timeouts and closed connections).
+_FAILED_WAIT = ("timed out", "timeout", "closure", "connection reset", "connection closed", "broken pipe")
+
+
+def _is_a_failed_wait(err: BaseException) -> bool:
+    return any(word in str(err).lower() for word in _FAILED_WAIT)
+
+
+def unanswering_workers(workers: int, wait_s: float) -> list[int]:
+    """After a wait on the others failed: the training workers (global ranks ``0..workers-1``) that do not
+    answer a roll call in the run's store within ``wait_s`` seconds. Every survivor marks itself present and
+    looks for the others' marks, so a stalled or dead worker is the one without a mark. Empty when all
+    answer, or when the store is gone too (nothing can be said)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        rank = dist.get_rank()
+        store.set(f"gradzip/roll-call/{rank}", "here")
+        deadline = time.monotonic() + wait_s
+        missing = [r for r in range(workers) if r != rank]
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"gradzip/roll-call/{r}"])]
+            time.sleep(0.1)
+    except Exception:  # the store itself failed: no roll call to go on
+        return []
+    return missing
 
 
 def init_process_group(backend: str, timeout: timedelta) -> None:

@@ -277,3 +277,47 @@ def test_without_restarts_a_dead_worker_ends_every_kind_of_run_naming_it(
     with pytest.raises(WorkerError, match="worker rank 1 failed: killed by signal SIGKILL"):
         spawn(cfg, _killed_at)
     assert time.monotonic() - start < 30  # the survivors are stopped: no wait for the timeout
+
+
+def _stalls_at_step_5(cfg: TrainConfig) -> Any:
+    """``run_worker``, except that rank 1 stops answering (sleeps for an hour) as its step 5 begins."""
+    import time
+
+    import gradzip.train.worker as worker
+
+    if os.environ["RANK"] == "1":
+        run_steps = worker.run_steps
+
+        def stalling(ex: Any, batches: Any, *args: Any, **kwargs: Any) -> Any:
+            def until_step_5() -> Any:
+                for step, batch in enumerate(batches):
+                    if step == 5:
+                        time.sleep(3600)
+                    yield batch
+
+            return run_steps(ex, until_step_5(), *args, **kwargs)
+
+        worker.run_steps = stalling  # type: ignore[assignment]
+    return run_worker(cfg)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("acpsgd", {}), ("doublesqueeze", {"placement": "server"}), ("powergossip", {})],
+    ids=["hook", "servers", "gossip"],
+)
+def test_a_worker_that_stops_answering_is_named_within_the_timeout(
+    method: str, options: dict[str, Any]
+) -> None:
+    import time
+
+    from gradzip.train.launch import WorkerError, spawn
+
+    cfg = TrainConfig(
+        method=method, options=options, workers=2, steps=N, quiet=True, backend="gloo", timeout=3
+    )
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker rank 1 stopped answering") as info:
+        spawn(cfg, _stalls_at_step_5)
+    assert info.value.rank == 1
+    assert time.monotonic() - start < 30  # the timeout, the roll call, the launcher stopping the rest

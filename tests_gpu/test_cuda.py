@@ -134,3 +134,45 @@ def test_bench_workers_on_cuda(tmp_path: Path) -> None:
     assert {r["spec"]["device"] for r in results} == {"cuda"}
     refused = subprocess.run([*cmd[:-2], "--methods", "powergossip"], capture_output=True, text=True)
     assert refused.returncode == 2 and "does not run on cuda" in refused.stderr
+
+
+def _cpu_state_on_cuda(rank: int, world: int) -> dict[str, bool]:
+    """A hook's state saved on the CPU (as a checkpoint loaded with map_location="cpu") continues on CUDA:
+    the residuals and DGC velocity (topk) and the server residuals (doublesqueeze) follow the gradients."""
+    torch.cuda.set_device(0)
+    out = {}
+    for method, options in [
+        ("topk", {"momentum_correction": 0.9}),
+        ("doublesqueeze", {"compressor": "topk"}),
+    ]:
+        saved = None
+        for device in (torch.device("cpu"), torch.device("cuda", 0)):
+            net = mixed_net().to(device)
+            model = DDP(net, device_ids=[0] if device.type == "cuda" else None)
+            state, hook = gradzip.ddp_hook(method, model=model, **options)
+            model.register_comm_hook(state, hook)
+            if saved is not None:
+                state.load_state_dict(saved)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            for step in range(2):
+                x, y = batch(rank, step)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                opt.step()
+            saved = torch.load(_roundtrip(state.state_dict()), map_location="cpu", weights_only=True)
+        out[method] = all(torch.isfinite(p).all() for p in model.parameters())
+    return out
+
+
+def _roundtrip(sd: dict[str, Any]) -> Any:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_a_state_loaded_on_the_cpu_continues_on_cuda() -> None:
+    got = run_workers(_cpu_state_on_cuda, 2, timeout=300)[0]
+    assert all(got.values()), got

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 def first_line(err: BaseException) -> str:
@@ -54,12 +57,33 @@ def check_writable(path: Path, what: str) -> None:
         raise ValueError(f"cannot write {what} {path}: {err.strerror or err}") from None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename: a crash while writing leaves
-    the previous file (or none), never half of one."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that becomes ``path`` only once it is whole: written under a temporary name beside it,
+    fsynced and renamed, so a crash while writing leaves the previous file (or none), never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``atomic_file``."""
+    with atomic_file(path) as f:
+        f.write(text.encode())
+
+
+# Words of a failed wait on another process: gloo's timeouts and closed connections.
+_FAILED_WAIT = ("timed out", "timeout", "closure", "connection reset", "connection closed", "broken pipe")
+
+
+def is_failed_wait(text: str) -> bool:
+    """Whether an error's text says a wait on another process failed (a consequence of a peer's trouble)."""
+    lowered = text.lower()
+    return any(word in lowered for word in _FAILED_WAIT)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import torch.distributed as dist
 import gradzip
 from gradzip.train.exchange import Exchange
 from gradzip.train.records import EvalRecord, LoopResult, StepRecord
-from gradzip.util import first_line, write_atomic
+from gradzip.util import atomic_file, first_line, write_atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 META = "meta.json"
@@ -111,13 +109,8 @@ def check_same_run_everywhere(mine: dict[str, Any], group: dist.ProcessGroup | N
 
 def save(root: Path, step: int, rank: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
     """Write this rank's ``state`` for ``step`` atomically (and, on rank 0, the run's fingerprint)."""
-    path = rank_file(root, step, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+    with atomic_file(rank_file(root, step, rank)) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
     if meta is not None:
         write_atomic(step_dir(root, step) / META, json.dumps(meta, indent=1) + "\n")
 

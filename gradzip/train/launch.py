@@ -27,8 +27,8 @@ from gradzip.train import rendezvous
 from gradzip.train.config import TrainConfig
 from gradzip.train.env import under_torchrun
 from gradzip.train.summary import RunSummary
-from gradzip.train.worker import run_worker
-from gradzip.util import free_port, last_line
+from gradzip.train.worker import PeerStalled, run_worker
+from gradzip.util import free_port, is_failed_wait, last_line
 
 Entrypoint = Callable[[TrainConfig], Any]
 
@@ -48,20 +48,6 @@ def _quiet_launcher_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-# Last lines of a worker that failed because another one did (a peer gone, a collective timed out).
-_CONSEQUENCE_MARKERS = (
-    "connection closed by peer",
-    "connection reset",
-    "timed out",
-    "timeout",
-    "broken pipe",
-)
-
-
-def _is_consequence(detail: str) -> bool:
-    return any(m in detail.lower() for m in _CONSEQUENCE_MARKERS)
-
-
 def _guarded(entrypoint: Entrypoint, report_dir: str, cfg: TrainConfig) -> Any:
     """Run ``entrypoint(cfg)``; if it raises, leave the time and the error's last line in ``report_dir``.
 
@@ -78,7 +64,9 @@ def _guarded(entrypoint: Entrypoint, report_dir: str, cfg: TrainConfig) -> Any:
         pickle.dumps(result)
     except BaseException as err:
         detail = f"{type(err).__name__}: {last_line(str(err))}".rstrip(": ")
-        report = {"rank": rank, "time": time.time(), "detail": detail}
+        report: dict[str, Any] = {"rank": rank, "time": time.time(), "detail": detail}
+        if isinstance(err, PeerStalled):  # the survivors' roll call named the worker that stopped answering
+            report["culprit"] = err.ranks[0]
         with contextlib.suppress(OSError):
             Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
         raise
@@ -122,13 +110,12 @@ def _describe_failure(err: Exception, report_dir: str | None = None) -> WorkerEr
     # A rank that failed by itself comes first, then one that the survivors' roll call found not answering
     # (worker.PeerStalled), then one that lost its peer; then the earliest.
     def order(r: dict[str, Any]) -> tuple[int, float, int]:
-        kind = 1 if r["detail"].startswith("PeerStalled: ") else 2 if _is_consequence(r["detail"]) else 0
+        kind = 1 if "culprit" in r else 2 if is_failed_wait(r["detail"]) else 0
         return kind, r["time"], r["rank"]
 
     first = min(reports, key=order)
-    if first["detail"].startswith("PeerStalled: "):
-        detail = first["detail"].removeprefix("PeerStalled: ")
-        return WorkerError(detail, rank=int(detail.split()[2].rstrip(",")))
+    if "culprit" in first:
+        return WorkerError(first["detail"].removeprefix("PeerStalled: "), rank=int(first["culprit"]))
     more = f" ({len(reports)} ranks failed)" if len(reports) > 1 else ""
     return WorkerError(f"worker rank {first['rank']} failed: {first['detail']}{more}", rank=first["rank"])
 

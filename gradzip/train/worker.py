@@ -41,6 +41,7 @@ from gradzip.train.summary import (
     params_agreement,
     reduce_metrics,
 )
+from gradzip.util import is_failed_wait
 
 
 def run_worker(cfg: TrainConfig) -> RunSummary | None:
@@ -61,7 +62,7 @@ def run_worker(cfg: TrainConfig) -> RunSummary | None:
     try:
         return _train(cfg, device)
     except RuntimeError as err:
-        if not _is_a_failed_wait(err):
+        if not is_failed_wait(str(err)):
             raise
         stalled = unanswering_workers(cfg.workers, min(10.0, cfg.timeout))
         if not stalled:
@@ -85,14 +86,6 @@ class PeerStalled(RuntimeError):
             f"after {timeout:g}s and {'it' if len(ranks) == 1 else 'they'} did not answer the other workers"
         )
         self.ranks = ranks
-
-
-# Words of a failed wait on another process (gloo's timeouts and closed connections).
-_FAILED_WAIT = ("timed out", "timeout", "closure", "connection reset", "connection closed", "broken pipe")
-
-
-def _is_a_failed_wait(err: BaseException) -> bool:
-    return any(word in str(err).lower() for word in _FAILED_WAIT)
 
 
 def unanswering_workers(workers: int, wait_s: float) -> list[int]:

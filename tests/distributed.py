@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from gradzip.util import free_port
 
-__all__ = ["free_port", "run_workers"]
+__all__ = ["differences", "free_port", "run_workers"]
 
 
 def _entry(
@@ -97,3 +97,24 @@ def run_workers(
     if len(results) < expected:
         raise AssertionError(f"only ranks {sorted(results)} of {world} finished within {timeout}s")
     return [results.get(r) for r in range(world)]
+
+
+def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a nested state, by path."""
+    if isinstance(x, dict):
+        return {k: v for key, value in x.items() for k, v in _flat(value, f"{prefix}/{key}").items()}
+    if isinstance(x, (list, tuple)):
+        return {k: v for i, value in enumerate(x) for k, v in _flat(value, f"{prefix}[{i}]").items()}
+    return {prefix: x}
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The leaves of two states that are not bit-identical (tensors compared with torch.equal)."""
+    fa, fb = _flat(a), _flat(b)
+    out = sorted(set(fa) ^ set(fb))
+    for key in set(fa) & set(fb):
+        x, y = fa[key], fb[key]
+        same = torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        if not same:
+            out.append(key)
+    return sorted(out)

@@ -78,6 +78,17 @@ def test_any_train_option_gives_a_config_or_a_value_error_naming_it(field: str, 
         assert field in str(err) and "\n" not in str(err), (field, value, str(err))
 
 
+@settings(max_examples=100, deadline=None)
+@given(value=st.one_of(ANY, st.sampled_from(["skip", "raise", "off", "Skip", "nan"])))
+def test_any_nan_policy_gives_a_config_or_a_value_error_naming_the_valid_ones(value: Any) -> None:
+    try:
+        cfg = TrainConfig(method="ssgd", backend="gloo", nan_policy=value)
+    except ValueError as err:
+        assert "nan_policy" in str(err) and "\n" not in str(err), (value, str(err))
+    else:
+        assert cfg.nan_policy in ("skip", "raise", "off")
+
+
 FLAGS = {
     "--method": st.sampled_from([*methods(), "nope"]),
     "--workers": st.sampled_from(["0", "-1", "2", "x", "1e3"]),
@@ -95,6 +106,7 @@ FLAGS = {
     "--json": st.sampled_from(["/proc/nope/out.json", "/"]),
     "--checkpoint-every": st.sampled_from(["-1", "2"]),
     "--keep": st.sampled_from(["0", "2"]),
+    "--nan-policy": st.sampled_from(["skip", "raise", "off", "ignore", ""]),
 }
 
 

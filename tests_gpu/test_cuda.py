@@ -24,6 +24,7 @@ import gradzip
 from gradzip.bench import kernels
 from tests.distributed import run_workers
 from tests.integrations.test_ddp import batch, mixed_net
+from tests.integrations.test_nonfinite import check_skipped, skip_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -176,3 +177,14 @@ def _roundtrip(sd: dict[str, Any]) -> Any:
 def test_a_state_loaded_on_the_cpu_continues_on_cuda() -> None:
     got = run_workers(_cpu_state_on_cuda, 2, timeout=300)[0]
     assert all(got.values()), got
+
+
+def _skip_on_gpu(rank: int, world: int) -> dict[str, Any]:
+    torch.cuda.set_device(0)
+    cases = [("acpsgd", {}), ("topk", {"momentum_correction": 0.9}), ("doublesqueeze", {}), ("ssgd", {})]
+    return skip_cases(rank, world, cases, "cuda:0")
+
+
+def test_a_nan_on_cuda_is_skipped_by_every_worker_with_the_screen_on_the_device() -> None:
+    """The CUDA screen (a masked fill on the device, read once per step) skips exactly like the CPU's."""
+    check_skipped(run_workers(_skip_on_gpu, 2, timeout=600))

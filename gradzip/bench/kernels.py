@@ -153,7 +153,8 @@ def _buckets_of(idx: Sequence[int], grads: list[torch.Tensor], keys: list[str]) 
 
 def _reducer_pass(method: str, keys: list[str], grads: list[torch.Tensor]) -> Pass:
     """The registry method's reducer over a world of one, on DDP-sized buckets (see the module docstring)."""
-    reducer = get_spec(method).build(make_config(method), SoloComm())
+    # With the NaN policy that ddp_hook and gradzip train default to: its screen and staged residuals included.
+    reducer = get_spec(method).build(make_config(method), SoloComm()).use_nan_policy("skip")
     cache: dict[tuple[int, ...], list[Bucket]] = {}
 
     def prepare(idx: Sequence[int]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from gradzip.cli.common import PROG, UsageError, positive_float, positive_int
 from gradzip.cli.options import add_method_options, method_options
+from gradzip.comm.finite import NAN_POLICIES
 from gradzip.registry import make_config, methods, servers_needed
 from gradzip.train.config import BACKENDS, DATA_SPLITS, DEFAULT_STEPS, TrainConfig
 from gradzip.train.data import EMBEDDED
@@ -66,6 +67,13 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         type=positive_float,
         default=d.timeout,
         help="seconds any collective may wait before the run fails",
+    )
+    train.add_argument(
+        "--nan-policy",
+        choices=NAN_POLICIES,
+        default=d.nan_policy,
+        help="a NaN or Inf in any worker's gradient: skip the step on every worker (method state and model "
+        "unchanged), raise (every worker stops, naming it), or off (no check)",
     )
     train.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="write summary and history here"
@@ -157,7 +165,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             bucket_cap_mb=args.bucket_cap_mb, timeout=args.timeout, quiet=args.quiet,
             eval_every=args.eval_every, target_accuracy=args.target_accuracy, data_split=args.data_split,
             straggler=args.straggler, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, keep=args.keep, max_restarts=args.max_restarts,
+            resume=args.resume, keep=args.keep, max_restarts=args.max_restarts, nan_policy=args.nan_policy,
         )  # fmt: skip
         preflight(cfg)
         # Only rank 0 writes the summary (under torchrun the path may exist on its machine alone).

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
+from gradzip.comm.finite import flag_vector, flagged
+
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); torch < 2.13 (the
 # CUDA builds GPU users install) has only the old one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -70,6 +72,11 @@ class Comm:
         """Every worker's ``t`` stacked as ``[world, *t.shape]``, asynchronously."""
         self._record("all_gather", t, t.nbytes * (self.world - 1))
         return self._all_gather(t)
+
+    def flagged_ranks(self, bad: torch.Tensor | bool, device: torch.device) -> list[int]:
+        """The workers that saw a non-finite gradient this step (:mod:`gradzip.comm.finite`): one all-reduce of
+        ``world`` floats that every worker makes once per step. Control traffic: not counted in ``stats``."""
+        return flagged(self._all_reduce(flag_vector(bad, self.rank, self.world, device)).wait())
 
     def isend(self, t: torch.Tensor, dst: int) -> dist.Work:
         """Send ``t`` to global rank ``dst`` (point-to-point, parameter servers)."""

@@ -1,7 +1,7 @@
 """Point-to-point messages of the parameter-server placements: a fixed header, then the payload bytes.
 
-Every message is ``HEADER_BYTES`` of header (four int64: the sender's step, flags, two spare) followed by
-the payload row, so a receiver can post a receive of the right size before it knows what arrives. A wait
+Every message is ``HEADER_BYTES`` of header (four int64: the sender's step, flags, and two more that a
+``NONFINITE`` reply fills in) followed by the payload row, so a receiver can post a receive of the right size before it knows what arrives. A wait
 that fails or times out is raised as an error that names the peer: a dead server or worker is never a hang.
 """
 
@@ -19,6 +19,10 @@ STOP = 1
 """Flag of a worker's last message: it is done, and the server may stop once every worker said so."""
 CHECKPOINT = 2
 """Flag of a step's pushes after which every server hands its state to worker 0 (for a checkpoint)."""
+NONFINITE = 4
+"""On a push: the worker's gradient held a NaN or an Inf, and the payload is zeros. On a reply: some worker's
+did, so the step is skipped (synchronous), or this worker's push was dropped (asynchronous); the header's
+third and fourth fields then say which worker (the first one) and how many."""
 
 
 class ServerError(RuntimeError):
@@ -33,11 +37,11 @@ class WorkerLost(RuntimeError):
     """A server lost a worker (it died, or sent nothing within the timeout)."""
 
 
-def message(width: int, step: int = 0, flags: int = 0) -> torch.Tensor:
+def message(width: int, step: int = 0, flags: int = 0, poisoned: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """A zeroed message with its header written and ``width`` payload bytes after it (the padding travels
-    too, and must not carry stale memory)."""
+    too, and must not carry stale memory). ``poisoned``: a ``NONFINITE`` reply's first worker and count."""
     msg = torch.zeros(HEADER_BYTES + width, dtype=torch.uint8)
-    msg[:HEADER_BYTES].view(torch.int64)[:2] = torch.tensor([step, flags])
+    msg[:HEADER_BYTES].view(torch.int64)[:] = torch.tensor([step, flags, *poisoned])
     return msg
 
 
@@ -50,6 +54,12 @@ def header(msg: torch.Tensor) -> tuple[int, int]:
     """``(step, flags)`` of a message."""
     step, flags = msg[:HEADER_BYTES].view(torch.int64)[:2].tolist()
     return int(step), int(flags)
+
+
+def poisoned(msg: torch.Tensor) -> tuple[int, int]:
+    """A ``NONFINITE`` reply's first poisoned worker and how many there were."""
+    first, count = msg[:HEADER_BYTES].view(torch.int64)[2:].tolist()
+    return int(first), int(count)
 
 
 def wait_for_server(work: Any, server: int, rank: int, timeout: float) -> None:

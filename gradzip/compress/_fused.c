@@ -25,12 +25,13 @@ static int team(int threads, int64_t rows, int64_t cols) {
     return rows < threads ? (int)rows : threads;
 }
 
-/* e += g (if g); out[k*osk + i*osi] = sum_j e[i,j] * qt[k,j]   (P^T = Q^T (G + e)^T) */
-void gz_compensate_project_right(float *e, const float *g, const float *qt, float *out, int64_t osk,
-                                 int64_t osi, int64_t rows, int64_t cols, int64_t r, int threads) {
+/* m = e + g (if g; m may be e); out[k*osk + i*osi] = sum_j m[i,j] * qt[k,j]   (P^T = Q^T (G + e)^T) */
+void gz_compensate_project_right(const float *e, const float *g, float *m, const float *qt, float *out,
+                                 int64_t osk, int64_t osi, int64_t rows, int64_t cols, int64_t r, int threads) {
 #pragma omp parallel for schedule(static) num_threads(team(threads, rows, cols))
     for (int64_t i = 0; i < rows; i++) {
-        float *er = e + i * cols;
+        const float *er = e + i * cols;
+        float *mr = m + i * cols;
         const float *gr = g ? g + i * cols : NULL;
         v8 acc[MAX_RANK];
         float tail[MAX_RANK];
@@ -38,21 +39,22 @@ void gz_compensate_project_right(float *e, const float *g, const float *qt, floa
         int64_t j = 0;
         for (; j + 8 <= cols; j += 8) {
             v8 x = ld(er + j);
-            if (gr) x += ld(gr + j), st(er + j, x);
+            if (gr) x += ld(gr + j), st(mr + j, x);
             for (int64_t k = 0; k < r; k++) acc[k] += x * ld(qt + k * cols + j);
         }
         for (; j < cols; j++) {
             float x = er[j];
-            if (gr) x += gr[j], er[j] = x;
+            if (gr) x += gr[j], mr[j] = x;
             for (int64_t k = 0; k < r; k++) tail[k] += x * qt[k * cols + j];
         }
         for (int64_t k = 0; k < r; k++) out[k * osk + i * osi] = hsum(acc[k]) + tail[k];
     }
 }
 
-/* e += g (if g); out[k*osk + j*osj] = sum_i p[i*psi + k*psk] * e[i,j]   (Q^T = P^T (G + e)) */
-int gz_compensate_project_left(float *e, const float *g, const float *p, int64_t psi, int64_t psk, float *out,
-                               int64_t osk, int64_t osj, int64_t rows, int64_t cols, int64_t r, int threads) {
+/* m = e + g (if g; m may be e); out[k*osk + j*osj] = sum_i p[i*psi + k*psk] * m[i,j]   (Q^T = P^T (G + e)) */
+int gz_compensate_project_left(const float *e, const float *g, float *m, const float *p, int64_t psi, int64_t psk,
+                               float *out, int64_t osk, int64_t osj, int64_t rows, int64_t cols, int64_t r,
+                               int threads) {
     int nt = team(threads, rows, cols);
     float *acc = calloc((size_t)nt * (size_t)(r * cols), sizeof(float)); /* one r x cols sum per thread */
     if (!acc) return 1;
@@ -61,19 +63,20 @@ int gz_compensate_project_left(float *e, const float *g, const float *p, int64_t
         float *mine = acc + (size_t)omp_get_thread_num() * (size_t)(r * cols);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
-            float *er = e + i * cols;
+            const float *er = e + i * cols;
+            float *mr = m + i * cols;
             const float *gr = g ? g + i * cols : NULL;
             float pk[MAX_RANK];
             for (int64_t k = 0; k < r; k++) pk[k] = p[i * psi + k * psk];
             int64_t j = 0;
             for (; j + 8 <= cols; j += 8) {
                 v8 x = ld(er + j);
-                if (gr) x += ld(gr + j), st(er + j, x);
+                if (gr) x += ld(gr + j), st(mr + j, x);
                 for (int64_t k = 0; k < r; k++) st(mine + k * cols + j, ld(mine + k * cols + j) + pk[k] * x);
             }
             for (; j < cols; j++) {
                 float x = er[j];
-                if (gr) x += gr[j], er[j] = x;
+                if (gr) x += gr[j], mr[j] = x;
                 for (int64_t k = 0; k < r; k++) mine[k * cols + j] += pk[k] * x;
             }
         }

@@ -2,9 +2,9 @@
 
     p = g + e;   send C(p);   e = p - decode(C(p))
 
-On the hot path it allocates nothing after the first step: ``compensate`` forms ``p`` inside the residual's
-own buffer, and the caller turns that buffer into the new residual in place (``Compressor.residual_``, or a
-low-rank method's ``M -= P Q^T``).
+On the hot path it allocates nothing after the first steps: ``compensate`` forms ``p`` inside the residual's
+own buffer (or, staged, inside a second buffer kept for the purpose), and the caller turns that buffer into
+the new residual in place (``Compressor.residual_``, or a low-rank method's ``M -= P Q^T``).
 """
 
 from __future__ import annotations
@@ -40,65 +40,124 @@ def encode_with_feedback(
     return payload, ctx
 
 
-class ErrorFeedback:
-    def __init__(self) -> None:
-        self.residuals: dict[str, torch.Tensor] = {}
+class Staged:
+    """Buffers by key whose updates can be held back until a step is agreed on (``nan_policy="skip"``).
 
-    def compensate(self, key: str, g: torch.Tensor) -> torch.Tensor:
-        """``p = g + e``, held in the residual's buffer: the caller must leave the new residual in it."""
-        if key not in self.residuals:
-            e = self.residuals[key] = g.detach().clone()
-            return e
-        return self.residual(key, g).add_(g)
+    Unstaged, an update is written in place into the kept buffer. Staged, it goes to a second buffer of the
+    same size (kept from step to step, so nothing is allocated after the first steps), and ``commit()`` makes
+    it the kept one; ``rollback()`` leaves the kept buffers as they were before the step. Same arithmetic
+    either way, so a run's numbers do not depend on the staging."""
 
-    def residual(self, key: str, g: torch.Tensor) -> torch.Tensor:
-        """The residual ``e`` kept for ``g`` (zeros the first time), on ``g``'s device and dtype, for a caller
-        that adds ``g`` itself (a fused kernel) and leaves the new residual in it."""
-        e = self.residuals.get(key)
-        if e is None:
-            e = self.residuals[key] = torch.zeros_like(g, memory_format=torch.contiguous_format)
-            return e
-        if e.shape != g.shape:
-            raise ValueError(f"residual of {key!r} has shape {tuple(e.shape)}, its gradient {tuple(g.shape)}")
-        if e.device != g.device or e.dtype != g.dtype:  # e.g. a checkpoint loaded with map_location="cpu"
-            e = self.residuals[key] = e.to(device=g.device, dtype=g.dtype)
-        return e
+    def __init__(self, staged: bool = False) -> None:
+        self.staged = staged
+        self.kept: dict[str, torch.Tensor] = {}
+        self._spare: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}
 
-    def set(self, key: str, residual: torch.Tensor) -> None:
-        self.residuals[key] = residual
+    def _kept(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
+        """The kept buffer of ``key`` on ``like``'s device and dtype (moved there if it was loaded elsewhere,
+        e.g. from a checkpoint read with ``map_location="cpu"``), or None the first time."""
+        t = self.kept.get(key)
+        if t is None:
+            return None
+        if t.shape != like.shape:
+            raise ValueError(
+                f"kept state of {key!r} has shape {tuple(t.shape)}, its gradient {tuple(like.shape)}"
+            )
+        if t.device != like.device or t.dtype != like.dtype:
+            t = self.kept[key] = t.to(device=like.device, dtype=like.dtype)
+        return t
+
+    def _target(self, key: str, kept: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """Where this step's new value of ``key`` goes: the kept buffer itself, or (staged) a spare one."""
+        if kept is not None and not self.staged:
+            return kept
+        out = self._spare.pop(key, None)
+        if out is None or out.shape != like.shape or out.device != like.device or out.dtype != like.dtype:
+            out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if self.staged:
+            self._pending[key] = out
+        else:
+            self.kept[key] = out
+        return out
+
+    def commit(self) -> None:
+        """The step is agreed on: its staged buffers become the kept ones."""
+        for key, new in self._pending.items():
+            old = self.kept.get(key)
+            self.kept[key] = new
+            if old is not None:
+                self._spare[key] = old
+        self._pending.clear()
+
+    def rollback(self) -> None:
+        """The step is skipped: the kept buffers stay as they were before it."""
+        if not self.staged and self.kept:
+            raise RuntimeError("an unstaged update cannot be rolled back (build it with staged=True)")
+        self._spare.update(self._pending)
+        self._pending.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.residuals.items()}
+        return {k: v.clone() for k, v in self.kept.items()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.residuals = {k: v.clone() for k, v in sd.items()}
+        self.kept = {k: v.clone() for k, v in sd.items()}
+        self._pending.clear()
 
 
-class Velocity:
+class ErrorFeedback(Staged):
+    """The residuals ``e`` by key (see the module's docstring); ``staged`` holds a step's new residuals back
+    until ``commit()``."""
+
+    @property
+    def residuals(self) -> dict[str, torch.Tensor]:
+        return self.kept
+
+    def set(self, key: str, residual: torch.Tensor) -> None:
+        self.kept[key] = residual
+
+    def compensate(self, key: str, g: torch.Tensor) -> torch.Tensor:
+        """``p = g + e``, in the buffer the caller must leave the new residual in: ``e``'s own, or (staged) a
+        second one, which ``commit()`` makes the residual."""
+        e = self._kept(key, g)
+        p = self._target(key, e, g)
+        if e is None:
+            return p.copy_(g)
+        return torch.add(e, g, out=p) if p is not e else e.add_(g)
+
+    def compensation_buffers(self, key: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e, p)`` for a caller that forms ``p = g + e`` itself (a fused kernel) and leaves the new residual
+        in ``p``: the kept residual (zeros the first time) and where the new one goes (``e`` itself unless
+        staged)."""
+        e = self._kept(key, g)
+        p = self._target(key, e, g)
+        if e is None:
+            e = p.zero_() if not self.staged else torch.zeros_like(p)
+        return e, p
+
+
+class Velocity(Staged):
     """DGC's momentum correction (Lin et al. 2018): momentum accumulated before compression, ``u = m u + g``.
 
     With error feedback, optimizer momentum applied after decompression amplifies the bursts that the
     residuals release; accumulating it here instead keeps the effective update close to momentum SGD. A
     sparsifier then zeroes the sent entries of ``u`` (``Compressor.mask_sent_``)."""
 
-    def __init__(self, momentum: float) -> None:
+    def __init__(self, momentum: float, staged: bool = False) -> None:
+        super().__init__(staged)
         self.momentum = momentum
-        self.buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return self.kept
 
     def __call__(self, key: str, g: torch.Tensor) -> torch.Tensor:
-        """``g`` itself without momentum; else the updated velocity (kept here, keyed by name)."""
+        """``g`` itself without momentum; else the updated velocity (kept here, keyed by name; staged, in a
+        second buffer until ``commit()``)."""
         if not self.momentum:
             return g
-        u = self.buffers.get(key)
+        u = self._kept(key, g)
+        out = self._target(key, u, g)
         if u is None:
-            u = self.buffers[key] = g.detach().clone()
-            return u
-        if u.device != g.device or u.dtype != g.dtype:  # e.g. a checkpoint loaded with map_location="cpu"
-            u = self.buffers[key] = u.to(device=g.device, dtype=g.dtype)
-        return u.mul_(self.momentum).add_(g)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.buffers.items()}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.buffers = {k: v.clone() for k, v in sd.items()}
+            return out.copy_(g)
+        return (torch.mul(u, self.momentum, out=out) if out is not u else u.mul_(self.momentum)).add_(g)

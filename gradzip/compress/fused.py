@@ -74,8 +74,8 @@ def _library() -> ctypes.CDLL | None:
         return None  # the torch path computes the same thing, only slower
     # Argument types, in the C prototypes' order: pointers, strides and sizes (int64), the thread count.
     signatures: dict[str, tuple[list[type], type | None]] = {
-        "gz_compensate_project_right": ([_PTR] * 4 + [_I64] * 5 + [_INT], None),
-        "gz_compensate_project_left": ([_PTR] * 3 + [_I64] * 2 + [_PTR] + [_I64] * 5 + [_INT], _INT),
+        "gz_compensate_project_right": ([_PTR] * 5 + [_I64] * 5 + [_INT], None),
+        "gz_compensate_project_left": ([_PTR] * 4 + [_I64] * 2 + [_PTR] + [_I64] * 5 + [_INT], _INT),
         "gz_residual_expand": (
             [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _I64, _INT],
             None,
@@ -123,36 +123,52 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _compensate(e: torch.Tensor, g: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    """The torch path of ``m = e + g``: ``M``, in ``m`` (which may be ``e``)."""
+    if g is None:
+        return e
+    return e.add_(g) if m is e else torch.add(e, g, out=m)
+
+
 def compensate_project_right(
-    e: torch.Tensor, g: torch.Tensor | None, qt: torch.Tensor, out: torch.Tensor
+    e: torch.Tensor,
+    g: torch.Tensor | None,
+    qt: torch.Tensor,
+    out: torch.Tensor,
+    m: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``e += g`` (when given), then ``out = qt @ e^T``: ``P^T`` (r x rows) of ``M = e``, for ``qt = Q^T``."""
-    lib = _fusable(qt.shape[0], e, g, qt, out)
-    if lib is None or not (e.is_contiguous() and qt.is_contiguous() and (g is None or g.is_contiguous())):
-        if g is not None:
-            e.add_(g)
-        return torch.mm(qt, e.T, out=out)  # with MKL, this form of the skinny GEMM beats e @ q
+    """``M = e + g`` (when ``g`` is given) written to ``m`` (``e`` itself by default; a second buffer keeps
+    ``e`` as it was), then ``out = qt @ M^T``: ``P^T`` (r x rows), for ``qt = Q^T``."""
+    m = e if m is None or g is None else m
+    lib = _fusable(qt.shape[0], e, g, qt, out, m)
+    if lib is None or not (
+        e.is_contiguous() and m.is_contiguous() and qt.is_contiguous() and (g is None or g.is_contiguous())
+    ):
+        return torch.mm(
+            qt, _compensate(e, g, m).T, out=out
+        )  # with MKL, this form of the skinny GEMM beats M @ q
     rows, cols = e.shape
-    _shapes(e, g, (qt, (-1, cols)), (out, (qt.shape[0], rows)))
+    _shapes(e, g, (qt, (-1, cols)), (out, (qt.shape[0], rows)), (m, (rows, cols)))
     lib.gz_compensate_project_right(
-        _ptr(e), _ptr(g), _ptr(qt), _ptr(out), *out.stride(), rows, cols, qt.shape[0], torch.get_num_threads()
-    )
+        _ptr(e), _ptr(g), _ptr(m), _ptr(qt), _ptr(out), *out.stride(), rows, cols, qt.shape[0],
+        torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 
 def compensate_project_left(
-    e: torch.Tensor, g: torch.Tensor | None, p: torch.Tensor, out: torch.Tensor
+    e: torch.Tensor, g: torch.Tensor | None, p: torch.Tensor, out: torch.Tensor, m: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``e += g`` (when given), then ``out = p^T @ e``: ``Q^T`` (r x cols) of ``M = e``."""
-    lib = _fusable(p.shape[1], e, g, p, out)
-    if lib is None or not (e.is_contiguous() and (g is None or g.is_contiguous())):
-        if g is not None:
-            e.add_(g)
-        return torch.mm(p.T, e, out=out)
+    """``M = e + g`` (when ``g`` is given) written to ``m`` (``e`` itself by default), then ``out = p^T @ M``:
+    ``Q^T`` (r x cols)."""
+    m = e if m is None or g is None else m
+    lib = _fusable(p.shape[1], e, g, p, out, m)
+    if lib is None or not (e.is_contiguous() and m.is_contiguous() and (g is None or g.is_contiguous())):
+        return torch.mm(p.T, _compensate(e, g, m), out=out)
     rows, cols = e.shape
-    _shapes(e, g, (p, (rows, -1)), (out, (p.shape[1], cols)))
+    _shapes(e, g, (p, (rows, -1)), (out, (p.shape[1], cols)), (m, (rows, cols)))
     failed = lib.gz_compensate_project_left(
-        _ptr(e), _ptr(g), _ptr(p), *p.stride(), _ptr(out), *out.stride(), rows, cols, p.shape[1],
+        _ptr(e), _ptr(g), _ptr(m), _ptr(p), *p.stride(), _ptr(out), *out.stride(), rows, cols, p.shape[1],
         torch.get_num_threads(),
     )  # fmt: skip
     if failed:

@@ -2,7 +2,9 @@
 exchange, traffic counters, the consensus-distance metric and a state keyed by parameter names.
 
 Use: ``g = Method(model, topology="ring")``, then ``g.step()`` after every ``optimizer.step()``. The local
-gradient step has then already been applied, and ``step()`` mixes the models with the neighbours'.
+gradient step has then already been applied, and ``step()`` mixes the models with the neighbours'. With a
+``nan_policy`` other than ``off``, call ``g.check_gradients()`` after backward and skip both
+``optimizer.step()`` and ``g.step()`` when it returns False (a NaN or an Inf in some worker's gradient).
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import torch.distributed as dist
 from torch import nn
 
 from gradzip.comm.collectives import CommStats
+from gradzip.comm.finite import (
+    NonFiniteGradient,
+    any_nonfinite,
+    check_nan_policy,
+    first_nonfinite,
+    flag_vector,
+    flagged,
+)
 from gradzip.comm.neighbours import NeighbourExchange
 from gradzip.comm.topology import Topology, make_topology
 
@@ -33,6 +43,7 @@ class Gossip:
         process_group: dist.ProcessGroup | None = None,
         metrics: bool = True,
         timeout: timedelta | None = None,
+        nan_policy: str = "skip",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError(f"gradzip.gossip.{type(self).__name__} needs torch.distributed initialised")
@@ -51,6 +62,9 @@ class Gossip:
         self.last_consensus_distance: float | None = None
         self.metrics_s = 0.0  # seconds spent on the metric, for callers that time the gossip alone
         self.steps = 0
+        self.nan_policy = check_nan_policy(nan_policy)
+        self.skipped_steps = 0
+        self.step_skipped = False
 
     @property
     def stats(self) -> CommStats:
@@ -58,6 +72,36 @@ class Gossip:
 
     def weight(self, j: int) -> float:
         return self.topology.weight(self.rank, j)
+
+    def check_gradients(self) -> bool:
+        """Whether this step goes ahead: call it on every worker after backward, before ``optimizer.step()``.
+
+        False when some worker's gradient holds a NaN or an Inf (``nan_policy="skip"``): then skip both
+        ``optimizer.step()`` and ``step()`` on every worker, so every model and the method's state stay as
+        they were (the gradients are zeroed). ``raise`` raises ``NonFiniteGradient`` on every worker instead.
+        It costs one all-reduce of ``world`` floats over the whole group, the only collective beyond the
+        neighbours that training then makes (a NaN anywhere must stop every worker's step, not only its
+        neighbours'); ``off`` makes none and always returns True."""
+        self.step_skipped = False
+        if self.nan_policy == "off":
+            return True
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        bad = any_nonfinite(grads)
+        device = next(iter(self.params.values())).device
+        flags = flag_vector(bad, self.rank, self.world, device)
+        dist.all_reduce(flags, group=self.group)
+        poisoned = flagged(flags)
+        if not poisoned:
+            return True
+        if self.nan_policy == "raise":
+            names = [n for n, p in self.params.items() if p.grad is not None]
+            where = first_nonfinite(grads, names) if self.rank in poisoned else None
+            raise NonFiniteGradient(poisoned, self.steps + self.skipped_steps, where)
+        for g in grads:
+            g.zero_()
+        self.skipped_steps += 1
+        self.step_skipped = True
+        return False
 
     def step(self) -> None:
         """Mix this worker's model with its neighbours' (call it after ``optimizer.step()``)."""
@@ -106,6 +150,7 @@ class Gossip:
                 "edges": list(self.topology.edges),
             },
             "steps": self.steps,
+            "skipped": self.skipped_steps,
             "stats": self.stats.to_dict(),
             "state": self._state(),
         }
@@ -120,6 +165,7 @@ class Gossip:
                 f"this run has {self.topology.name!r} with {self.topology.n}"
             )
         self.steps = int(sd["steps"])
+        self.skipped_steps = int(sd.get("skipped", 0))
         for k, v in sd["stats"].items():
             setattr(self.stats, k, int(v))
         self._load_state(sd["state"])

@@ -38,10 +38,18 @@ class Choco(Gossip):
         process_group: dist.ProcessGroup | None = None,
         metrics: bool = True,
         timeout: timedelta | None = None,
+        nan_policy: str = "skip",
         **compressor_options: Any,
     ) -> None:
         """``compressor_options``: the compressor's own (``density``, ``levels``, ``seed``, ``majority_vote``...)."""
-        super().__init__(model, topology, process_group=process_group, metrics=metrics, timeout=timeout)
+        super().__init__(
+            model,
+            topology,
+            process_group=process_group,
+            metrics=metrics,
+            timeout=timeout,
+            nan_policy=nan_policy,
+        )
         check(0.0 < gamma <= 1.0, "gamma", gamma, "in (0, 1]")
         self.gamma = gamma
         self.compressor = make_compressor(compressor, **compressor_options)

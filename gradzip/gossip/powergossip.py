@@ -51,7 +51,8 @@ class PowerGossip(Gossip):
         warm_start: bool = True,
         **common: Any,
     ) -> None:
-        """``common``: the options every gossip method takes (``process_group``, ``metrics``, ``timeout``)."""
+        """``common``: the options every gossip method takes (``process_group``, ``metrics``, ``timeout``,
+        ``nan_policy``)."""
         super().__init__(model, topology, **common)
         for key, value in (("rank", rank), ("iterations", iterations)):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradzip.comm.collectives import Comm, CommStats
+from gradzip.comm.finite import check_nan_policy
 from gradzip.compress.fusion import views_of
 from gradzip.reducers.reducer import Bucket, Reducer
 from gradzip.registry import get_spec
@@ -43,6 +44,18 @@ class HookState:
     @property
     def stats(self) -> CommStats:
         return self.comm.stats
+
+    @property
+    def step_skipped(self) -> bool:
+        """Whether the last step was skipped because some worker's gradient held a NaN or an Inf
+        (``nan_policy="skip"``): every worker's gradients are then zeros and its method state is as it was
+        before the step. Skip ``optimizer.step()`` when it is true, on every worker."""
+        return self.reducer.step_skipped
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far (saved in ``state_dict()``)."""
+        return self.reducer.skipped_steps
 
     def _name(self, p: torch.Tensor) -> str:
         name = self._names.get(id(p))
@@ -102,17 +115,23 @@ def ddp_hook(
     *,
     process_group: dist.ProcessGroup | None = None,
     model: nn.Module | None = None,
+    nan_policy: str = "skip",
     **options: Any,
 ) -> tuple[HookState, Any]:
     """Build method ``method`` with its options; returns ``(state, hook)`` for ``register_comm_hook``.
 
     ``model`` (the DDP module or the wrapped one) names the parameters in ``state_dict()``; without it they
-    are named in the order the first step meets them. Unknown methods and options, and bad values, raise
-    ``ValueError`` naming the valid ones.
+    are named in the order the first step meets them. ``nan_policy`` says what a NaN or Inf in any worker's
+    gradient does (:mod:`gradzip.comm.finite`): ``"skip"`` skips the step on every worker, leaving the
+    method's state as it was (check ``state.step_skipped`` before ``optimizer.step()``); ``"raise"`` raises
+    ``NonFiniteGradient`` on every worker; ``"off"`` does not look. Unknown methods and options, and bad
+    values, raise ``ValueError`` naming the valid ones.
     """
     spec = get_spec(method)
     cfg = spec.config_cls.from_options(method, options)
+    check_nan_policy(nan_policy)
     if not dist.is_initialized():
         raise RuntimeError("gradzip.ddp_hook needs torch.distributed initialised (init_process_group)")
     comm = Comm(process_group)
-    return HookState(method, cfg.to_dict(), spec.build(cfg, comm), comm, model), _hook
+    reducer = spec.build(cfg, comm).use_nan_policy(nan_policy)
+    return HookState(method, cfg.to_dict(), reducer, comm, model), _hook

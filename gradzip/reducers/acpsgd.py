@@ -25,32 +25,32 @@ class ACPSGD(LowRankReducer):
     def p_step(self) -> bool:
         return (self.step - self.cfg.warmup_steps) % 2 == 0
 
-    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         if not self.compressing():
             return self.uncompressed(bucket)
         plan = self.lowrank_plan(bucket)
         p_step = self.p_step
         msg, slots, raw = plan.message(bucket, [rows if p_step else cols for rows, cols, _ in plan.shapes])
-        # Per matrix: the residual e (which becomes M), the projection basis (transposed where it is the
+        # Per matrix: M (which becomes the new residual), the projection basis (transposed where it is the
         # right-hand factor), and this worker's own factor before the all-reduce overwrites its slot.
         work: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, slot, (rows, cols, r) in zip(plan.compressed, slots, plan.shapes, strict=True):
             key = bucket.keys[i]
-            e, g = self.matrices(bucket, i, rows, cols)
-            # M = G + e, formed in e's buffer, and its projection, straight into the message slot.
+            e, g, m = self.matrices(bucket, i, rows, cols)
+            # M = G + e, and its projection, straight into the message slot.
             if p_step:
-                q = self.factor(self.q, key, e)
+                q = self.factor(self.q, key, m)
                 basis_t = orthogonalize(
-                    q if q is not None else self.initial_factor(e, cols, r)
+                    q if q is not None else self.initial_factor(m, cols, r)
                 ).T.contiguous()
-                compensate_project_right(e, g, basis_t, slot)  # P^T = Q^T M^T
-                work.append((e, basis_t, slot.clone()))
+                compensate_project_right(e, g, basis_t, slot, m)  # P^T = Q^T M^T
+                work.append((m, basis_t, slot.clone()))
             else:
-                p = self.factor(self.p, key, e)
+                p = self.factor(self.p, key, m)
                 assert p is not None, f"Q-step for {key!r} without last step's P"
                 basis = orthogonalize(p)
-                compensate_project_left(e, g, basis, slot)  # Q^T = P^T M
-                work.append((e, basis, slot.clone()))
+                compensate_project_left(e, g, basis, slot, m)  # Q^T = P^T M
+                work.append((m, basis, slot.clone()))
         world, store = self.comm.world, (self.p if p_step else self.q)
 
         def finish(result: torch.Tensor) -> None:

@@ -9,12 +9,12 @@ from gradzip.reducers.reducer import Bucket, Reducer
 
 
 class PlainAllReduce(Reducer):
-    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         return self.uncompressed(bucket)
 
 
 class HalfAllReduce(Reducer):
-    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         # Divide before the cast so the fp16 sum cannot overflow where the fp32 mean would not.
         half = bucket.buffer.div(self.comm.world).to(torch.float16)
         buf = bucket.buffer

@@ -33,7 +33,7 @@ from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
 from gradzip.compress.base import check_pairing
-from gradzip.compress.feedback import ErrorFeedback, Velocity
+from gradzip.compress.feedback import ErrorFeedback, Staged, Velocity
 from gradzip.config import DoubleSqueezeConfig
 from gradzip.reducers.parts import PartCodec, part_bounds
 from gradzip.reducers.reducer import Bucket, Reducer
@@ -139,11 +139,17 @@ class DoubleSqueezeSharded(Reducer):
         self.server_ef = ErrorFeedback() if cfg.server_error_feedback else None
         self.velocity = Velocity(cfg.momentum_correction)
 
+    def staged_state(self) -> list[Staged]:
+        return [self.worker_ef, self.velocity]  # the server residuals change only in a step that goes ahead
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.codec.compressor.generator]
+
     def _make_plan(self, bucket: Bucket) -> _Plan:
         numels = tuple(g.numel() for g in bucket.grads)
         return _Plan(numels, self.codec.width(numels))
 
-    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         plan: _Plan = self.plan(bucket, self._make_plan)
         me, world, step, keys = self.comm.rank, self.comm.world, self.step, bucket.keys
         parts = self.codec.compress_worker(self.worker_ef, self.velocity, bucket.grads, keys, "", step)

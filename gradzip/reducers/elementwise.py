@@ -15,7 +15,7 @@ from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
 from gradzip.compress.base import Compressor, check_pairing, is_matrix_worth_it
-from gradzip.compress.feedback import ErrorFeedback, Velocity, encode_with_feedback
+from gradzip.compress.feedback import ErrorFeedback, Staged, Velocity, encode_with_feedback
 from gradzip.compress.fusion import ByteLayout, split_message
 from gradzip.reducers.reducer import Bucket, Reducer
 
@@ -66,11 +66,17 @@ class ElementwiseReducer(Reducer):
             return _Plan(compressed, raw, [n for _, n in specs], None)
         return _Plan(compressed, raw, [], ByteLayout(specs))
 
+    def staged_state(self) -> list[Staged]:
+        return [self.velocity] + ([self.ef] if self.ef is not None else [])
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.compressor.generator]
+
     def _with_momentum(self, bucket: Bucket, i: int) -> torch.Tensor:
         """The flat tensor to send for ``bucket.grads[i]``: the gradient, or its locally kept velocity."""
         return self.velocity(bucket.keys[i], bucket.grads[i].reshape(-1))
 
-    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         plan: _Plan = self.plan(bucket, self._make_plan)
         comp, world = self.compressor, self.comm.world
         payloads: list[torch.Tensor] = []

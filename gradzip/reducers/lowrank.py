@@ -15,7 +15,7 @@ import torch
 
 from gradzip.comm.collectives import Comm
 from gradzip.compress.base import is_matrix_worth_it
-from gradzip.compress.feedback import ErrorFeedback
+from gradzip.compress.feedback import ErrorFeedback, Staged
 from gradzip.compress.fusion import split_message
 from gradzip.compress.lowrank import matrix_shape
 from gradzip.config import LowRankConfig
@@ -49,7 +49,7 @@ class LowRankPlan:
 
 
 class LowRankReducer(Reducer):
-    """State and planning common to the low-rank methods; subclasses implement ``launch``."""
+    """State and planning common to the low-rank methods; subclasses implement ``start``."""
 
     def __init__(self, cfg: LowRankConfig, comm: Comm) -> None:
         super().__init__(comm)
@@ -63,6 +63,12 @@ class LowRankReducer(Reducer):
 
     def compressing(self) -> bool:
         return self.step >= self.cfg.warmup_steps
+
+    def staged_state(self) -> list[Staged]:
+        return [self.ef]
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.generator]
 
     def _make_plan(self, bucket: Bucket) -> LowRankPlan:
         compressed, shapes, raw = [], [], []
@@ -92,12 +98,16 @@ class LowRankReducer(Reducer):
         # Drawn in float32 on the CPU whatever ``like`` is, so every worker's stream is the same.
         return torch.randn(n, r, generator=self.generator).to(device=like.device, dtype=like.dtype)
 
-    def matrices(self, bucket: Bucket, i: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual ``e`` and the gradient ``G`` of tensor ``i`` as (rows x cols) matrices. The method
-        forms ``M = G + e`` in the residual's buffer (a fused compensate-and-project), and must leave the new
-        residual ``M - approximation`` in it before the step ends."""
+    def matrices(
+        self, bucket: Bucket, i: int, rows: int, cols: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The residual ``e``, the gradient ``G`` of tensor ``i`` and the buffer ``M``, as (rows x cols)
+        matrices. The method forms ``M = G + e`` in ``M`` (a fused compensate-and-project), and must leave the
+        new residual ``M - approximation`` in it before the step ends. ``M`` is ``e``'s own buffer, or a
+        second one where the residuals are staged (``nan_policy="skip"``)."""
         g = bucket.grads[i]
-        return self.ef.residual(bucket.keys[i], g).view(rows, cols), g.view(rows, cols)
+        e, m = self.ef.compensation_buffers(bucket.keys[i], g)
+        return e.view(rows, cols), g.view(rows, cols), m.view(rows, cols)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

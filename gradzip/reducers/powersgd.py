@@ -21,20 +21,19 @@ from gradzip.reducers.reducer import Bucket
 
 
 class PowerSGD(LowRankReducer):
-    def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         if not self.compressing():
             return self.uncompressed(bucket)
         plan = self.lowrank_plan(bucket)
         msg, p_slots, raw = plan.message(bucket, [rows for rows, _, _ in plan.shapes])
         ms = []
         for i, slot, (rows, cols, r) in zip(plan.compressed, p_slots, plan.shapes, strict=True):
-            key = bucket.keys[i]
-            e, g = self.matrices(bucket, i, rows, cols)
-            q = self.factor(self.q, key, e)
-            if q is None:
-                q = self.q[key] = self.initial_factor(e, cols, r)
-            compensate_project_right(e, g, q.T.contiguous(), slot)  # M = G + e in e's buffer; P^T = Q^T M^T
-            ms.append(e)
+            e, g, m = self.matrices(bucket, i, rows, cols)
+            q = self.factor(self.q, bucket.keys[i], m)
+            if q is None:  # kept only once the step goes ahead (finish)
+                q = self.initial_factor(m, cols, r)
+            compensate_project_right(e, g, q.T.contiguous(), slot, m)  # M = G + e; P^T = Q^T M^T
+            ms.append(m)
         world = self.comm.world
         phats: list[torch.Tensor] = []
         q_slots: list[torch.Tensor] = []

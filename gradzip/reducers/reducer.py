@@ -4,7 +4,7 @@ It is the unit the DDP hook adapter drives, one call per bucket per step, in the
 worker. Its state (residuals, factors, step, RNG) is keyed by parameter names so it survives DDP's bucket
 rebuild and a restart.
 
-Every method's ``launch`` has the same shape: it issues the bucket's first collective at once, so the
+Every method's ``start`` has the same shape: it issues the bucket's first collective at once, so the
 communication overlaps the rest of backward, and hands the rest to :meth:`Reducer.defer`. When the step's last
 bucket arrives, each pending bucket's second round (where the method has one: PowerSGD's Q, DoubleSqueeze's
 server pass) is issued in bucket order, and then every bucket is finished (decompressed) in bucket order, all
@@ -16,6 +16,15 @@ from this thread:
 * Decompression runs here, not in a callback. torch sets MKL's thread count per thread, and on the
   communication library's thread MKL picks its own, which changes GEMM rounding from worker to worker and
   lets the replicas drift apart (seen: 3e-8 after 100 steps of ACP-SGD).
+
+Non-finite gradients (:mod:`gradzip.comm.finite`): :meth:`Reducer.launch` screens each bucket before the
+method sees it, and a poisoned bucket goes out as zeros. Before the step's second rounds and finishes, one
+small all-reduce tells every worker whether any saw a NaN or an Inf. If one did, no second round is issued and
+nothing is finished: under ``skip`` the residuals and velocity the step staged are dropped and the generators
+it drew from rewound, so the method's state is exactly what it was before the step (``step_skipped``); under
+``raise`` every worker raises. Everything a method changes in its state before that point is staged
+(:class:`~gradzip.compress.feedback.Staged`, listed by ``staged_state()``); what it changes after it (factors,
+server residuals) it changes only in a step that goes ahead.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import torch
 from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
+from gradzip.comm.finite import NonFiniteGradient, check_nan_policy, first_nonfinite, nonfinite
+from gradzip.compress.feedback import Staged
 from gradzip.compress.fusion import views_of
 
 
@@ -81,12 +92,61 @@ class Reducer:
     def __init__(self, comm: Comm) -> None:
         self.comm = comm
         self.step = 0
+        """Steps done (skipped ones not counted): the method's phase and its random streams follow it."""
         self._plans: dict[tuple[str, ...], Any] = {}
         self.wait_s = 0.0  # seconds this worker spent blocked on collectives (the benchmark's "comm wait")
         self._pending: list[_Pending] = []
+        self.nan_policy = "off"
+        """What a non-finite gradient does (:mod:`gradzip.comm.finite`); set it with ``use_nan_policy``."""
+        self.skipped_steps = 0
+        self.step_skipped = False
+        """Whether the last step was skipped (``nan_policy="skip"``): its gradients are zeros, and the
+        optimizer step must be skipped too."""
+        self._bad: torch.Tensor | bool = False  # this step: did this worker see a non-finite gradient?
+        self._where: str | None = None
+        self._rewind: list[tuple[torch.Generator, torch.Tensor]] = []
+
+    def use_nan_policy(self, policy: str) -> Reducer:
+        """``skip``, ``raise`` or ``off`` (:mod:`gradzip.comm.finite`); between steps only."""
+        self.nan_policy = check_nan_policy(policy)
+        for s in self.staged_state():
+            s.staged = policy == "skip"
+        return self
+
+    def staged_state(self) -> list[Staged]:
+        """The state a step changes before the workers agree it goes ahead (residuals, velocity)."""
+        return []
+
+    def generators(self) -> list[torch.Generator]:
+        """The generators a step may draw from before the workers agree it goes ahead."""
+        return []
 
     def launch(self, bucket: Bucket) -> Future[torch.Tensor]:
+        """Reduce one bucket (the hook's entry): screen it for NaN and Inf, then start the method on it."""
+        if not self._pending:  # the step's first bucket
+            self._bad, self._where, self.step_skipped = False, None, False
+            if self.nan_policy == "skip":
+                self._rewind = [(g, g.get_state()) for g in self.generators()]
+        if self.nan_policy != "off":
+            self._screen(bucket)
+        return self.start(bucket)
+
+    def start(self, bucket: Bucket) -> Future[torch.Tensor]:
+        """The method's work on one bucket: issue its first collective, then ``defer`` the rest."""
         raise NotImplementedError
+
+    def _screen(self, bucket: Bucket) -> None:
+        """Whether this bucket holds a NaN or an Inf; if so it goes out as zeros. On CUDA the check stays on
+        the device (a synchronisation per bucket would stall backward); the step's agreement reads it."""
+        buf = bucket.buffer
+        bad = nonfinite(buf)
+        if buf.is_cuda:
+            buf.masked_fill_(bad, 0.0)
+            self._bad = bad if isinstance(self._bad, bool) else self._bad | bad
+        elif bool(bad):
+            self._where = self._where or first_nonfinite(bucket.grads, bucket.keys)
+            buf.zero_()
+            self._bad = True
 
     def compressing(self) -> bool:
         """Whether this step compresses (False: a warm-up step of plain all-reduce)."""
@@ -114,10 +174,36 @@ class Reducer:
         out = new_future(bucket.buffer)
         self._pending.append(_Pending(bucket, first, finish, second, out))
         if bucket.is_last:
-            self._complete_step()
-            self.step += 1
-            self.comm.stats.steps += 1
+            poisoned = (
+                self.comm.flagged_ranks(self._bad, bucket.buffer.device) if self.nan_policy != "off" else []
+            )
+            if poisoned:
+                self._drop_step(poisoned)
+            else:
+                self._complete_step()
+                for s in self.staged_state():
+                    s.commit()
+                self.step += 1
+                self.comm.stats.steps += 1
         return out
+
+    def _drop_step(self, poisoned: list[int]) -> None:
+        """Some worker saw a non-finite gradient: no second round, no finish; skip or raise, every worker."""
+        pending, self._pending = self._pending, []
+        for p in pending:  # the first rounds are in flight on every worker: let them land before reusing
+            self.wait(p.first)
+        if self.nan_policy == "raise":
+            where = self._where if self.comm.rank in poisoned else None
+            raise NonFiniteGradient(poisoned, self.step + self.skipped_steps, where)
+        for s in self.staged_state():
+            s.rollback()
+        for g, state in self._rewind:
+            g.set_state(state)
+        self.skipped_steps += 1
+        self.step_skipped = True
+        for p in pending:
+            p.bucket.buffer.zero_()
+            p.out.set_result(p.bucket.buffer)
 
     def _complete_step(self) -> None:
         pending, self._pending = self._pending, []
@@ -150,7 +236,8 @@ class Reducer:
         return self.defer(bucket, self.comm.all_reduce(buf), _nothing)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "skipped": self.skipped_steps}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step = int(sd["step"])
+        self.skipped_steps = int(sd.get("skipped", 0))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gradzip.comm.finite import check_nan_policy
 from gradzip.comm.topology import make_topology
 from gradzip.config import check_type
 from gradzip.registry import METHODS, family, get_spec, make_config
@@ -81,6 +82,9 @@ class TrainConfig:
     """Checkpoints kept; older ones are removed once every worker has written a newer one."""
     max_restarts: int = 0
     """Restart every worker this many times at most when one dies; they continue from the latest checkpoint."""
+    nan_policy: str = "skip"
+    """A NaN or an Inf in any worker's gradient: ``skip`` the step on every worker, ``raise``, or ``off``
+    (:mod:`gradzip.comm.finite`)."""
 
     def __post_init__(self) -> None:
         # Types first, so every later check compares numbers, and a wrong type is a ValueError naming it.
@@ -169,6 +173,7 @@ class TrainConfig:
                 f"{self.method} cannot checkpoint yet: its servers apply pushes in arrival order, so a resume "
                 "could not continue the run exactly; use doublesqueeze with placement=server"
             )
+        check_nan_policy(self.nan_policy)
         straggler = parse_straggler(self.straggler)
         if straggler is not None and straggler[0] >= self.workers:
             raise ValueError(

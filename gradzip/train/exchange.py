@@ -46,6 +46,8 @@ class Settings:
     bucket_cap_mb: float = 25.0
     timeout: float = 300.0
     """Seconds any wait on another process may take."""
+    nan_policy: str = "skip"
+    """What a NaN or an Inf in some worker's gradient does (:mod:`gradzip.comm.finite`)."""
 
 
 class Exchange:
@@ -73,8 +75,10 @@ class Exchange:
         self.group = group
         """The process group of the training workers, for the metrics' collectives."""
 
-    def after_backward(self) -> None:
-        """Between backward and the optimizer step."""
+    def after_backward(self) -> bool:
+        """Between backward and the optimizer step. False: every worker skips this step (some worker's
+        gradient held a NaN or an Inf, ``nan_policy="skip"``), with no optimizer step and no ``after_step``."""
+        return True
 
     def after_step(self) -> None:
         """After the optimizer step."""
@@ -146,6 +150,10 @@ class HookExchange(Exchange):
         self.state = register(ddp)
         super().__init__(model, ddp, _sgd(ddp, run), self.state.stats if self.state is not None else None)
 
+    def after_backward(self) -> bool:
+        # The hook has already agreed on the step with the other workers, inside backward.
+        return self.state is None or not self.state.step_skipped
+
     def counters(self) -> tuple[float, float] | None:
         if self.state is None:
             return None
@@ -159,11 +167,13 @@ class HookExchange(Exchange):
             self.state.load_state_dict(sd["hook"])
 
 
-def gradzip_hook(method: str, options: dict[str, Any]) -> Callable[[DDP], HookState]:
+def gradzip_hook(
+    method: str, options: dict[str, Any], nan_policy: str = "skip"
+) -> Callable[[DDP], HookState]:
     """Registers method ``method``'s hook (its parameters named by the DDP model)."""
 
     def register(ddp: DDP) -> HookState:
-        state, hook = ddp_hook(method, model=ddp, **options)
+        state, hook = ddp_hook(method, model=ddp, nan_policy=nan_policy, **options)
         ddp.register_comm_hook(state, hook)
         return state
 
@@ -187,18 +197,19 @@ class ServerExchange(Exchange):
         # model, and the workers have none.
         extra: dict[str, Any] = {"lr": run.lr, "momentum": run.momentum} if self.asynchronous else {}
         self.ps = PSWorker(
-            model, run.method, servers=self.servers, timeout=run.timeout, server_states=server_states, **extra,
-            **own,
+            model, run.method, servers=self.servers, timeout=run.timeout, server_states=server_states,
+            nan_policy=run.nan_policy, **extra, **own,
         )  # fmt: skip
         optimizer = None if self.asynchronous else _sgd(model, run)
         super().__init__(model, model, optimizer, self.ps.stats, group)
         self.seconds = 0.0
         self.section: ServerSection | None = None
 
-    def after_backward(self) -> None:
+    def after_backward(self) -> bool:
         start = time.perf_counter()
-        self.ps.step()  # replaces the gradients (synchronous) or the parameters (asynchronous)
+        go = self.ps.step()  # replaces the gradients (synchronous) or the parameters (asynchronous)
         self.seconds += time.perf_counter() - start
+        return go
 
     def counters(self) -> tuple[float, float] | None:
         return self.seconds, self.ps.wait_s
@@ -247,9 +258,17 @@ class GossipExchange(Exchange):
 
     def __init__(self, model: nn.Module, run: Settings) -> None:
         cfg = make_config(run.method, **run.options)
-        self.gossip = build_gossip(run.method, model, cfg, timeout=timedelta(seconds=run.timeout))
+        self.gossip = build_gossip(
+            run.method, model, cfg, timeout=timedelta(seconds=run.timeout), nan_policy=run.nan_policy
+        )
         super().__init__(model, model, _sgd(model, run), self.gossip.stats)
         self.seconds = 0.0
+
+    def after_backward(self) -> bool:
+        start = time.perf_counter()
+        go = self.gossip.check_gradients()  # one small all-reduce: every worker skips a poisoned step
+        self.seconds += time.perf_counter() - start
+        return go
 
     def after_step(self) -> None:
         start = time.perf_counter()
@@ -310,4 +329,4 @@ def build_exchange(
         return GossipExchange(model, run)
     if kind == "server":
         return ServerExchange(model, run, group, server_states)
-    return HookExchange(model, device, run, gradzip_hook(run.method, run.options))
+    return HookExchange(model, device, run, gradzip_hook(run.method, run.options, run.nan_policy))

@@ -22,6 +22,10 @@ from gradzip.train.records import EvalRecord, LoopResult, StepRecord
 # Test-set evaluation batch, bounding activation memory for the large models.
 EVAL_BATCH = 1024
 
+# Skipped steps in a row (a NaN or an Inf in some worker's gradient each time) after which a run stops: it
+# is no longer training, and skipping on in silence would hand back the model of its last good step.
+MAX_SKIPPED_IN_A_ROW = 20
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
@@ -83,11 +87,16 @@ def run_steps(
     between the step's ends (what ``gradzip train`` wants: it reports whole steps).
 
     ``result`` holds the records of the steps already done (a resumed run): the batches are those of the
-    steps after them. ``checkpoints`` is told, between steps, when to prepare one and to write it."""
+    steps after them. ``checkpoints`` is told, between steps, when to prepare one and to write it.
+
+    A step the exchange skips (some worker's gradient held a NaN or an Inf) runs no optimizer step and no
+    ``after_step``; it is recorded (``skipped``) and the batch is not retried. ``MAX_SKIPPED_IN_A_ROW`` of
+    them in a row stop the run."""
     now = _clock(device)
     mark = _clock(device, synchronize=time_parts)
     result = LoopResult() if result is None else result
     ex.module.train()
+    in_a_row = 0
     for step, (x, y) in enumerate(batches, start=len(result.records)):
         due = checkpoints is not None and checkpoints.due(step)
         if due:
@@ -105,12 +114,13 @@ def run_steps(
         t_backward = mark()
         if slowdown > 1:  # an emulated straggler: its compute takes `slowdown` times as long
             time.sleep((slowdown - 1) * (time.perf_counter() - t0))
-        ex.after_backward()
+        go = ex.after_backward()
         t_exchanged = mark()
-        if ex.optimizer is not None:
+        if go and ex.optimizer is not None:
             ex.optimizer.step()
         t_optimized = mark()
-        ex.after_step()
+        if go:
+            ex.after_step()
         # .item() synchronizes with the device, so the time includes the step's kernels and collectives.
         loss_value = loss.item()
         t_end = now()
@@ -122,6 +132,7 @@ def run_steps(
             compute=t_backward - t0,
             optimizer=t_optimized - t_exchanged,
             consensus_distance=ex.last_metric,
+            skipped=not go,
         )
         after = ex.counters()
         if before is not None and after is not None:
@@ -134,7 +145,14 @@ def run_steps(
         if received is not None and received_before is not None:
             record.bytes_received = received - received_before
         result.records.append(record)
-        if not math.isfinite(loss_value):
+        in_a_row = 0 if go else in_a_row + 1
+        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(
+                f"the last {in_a_row} steps (to step {step}) were all skipped for a NaN or an Inf in some "
+                "worker's gradient: the run is not training. Check the data and try a smaller --lr; "
+                "--nan-policy raise names the worker at the first one"
+            )
+        if go and not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}; try a smaller --lr")
         if evaluate_model is not None and eval_every and (step + 1) % eval_every == 0:
             # The evaluation's own time is left out of the training time it is stamped with.
@@ -142,7 +160,7 @@ def run_steps(
             result.evals.append(EvalRecord(step + 1, result.train_time_s, accuracy))
         if bar is not None:
             bar.update(1)
-            postfix = {"loss": f"{loss_value:.4f}"}
+            postfix = {"loss": f"{loss_value:.4f}"} if go else {"skipped": "NaN/Inf gradient"}
             if record.consensus_distance is not None:
                 postfix["consensus"] = f"{record.consensus_distance:.2e}"
             bar.set_postfix(postfix, refresh=False)

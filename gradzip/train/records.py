@@ -24,6 +24,8 @@ class StepRecord:
     bytes_received: int | None = None
     consensus_distance: float | None = None
     """Gossip with metrics on: ``mean_i |x_i - x_mean|^2`` after the step."""
+    skipped: bool = False
+    """Skipped for a NaN or an Inf in some worker's gradient: no optimizer step (its loss may be NaN)."""
 
     @property
     def compress(self) -> float | None:

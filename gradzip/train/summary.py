@@ -4,6 +4,7 @@ printed by ``gradzip train``, and the collectives after the loop that it is made
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,7 @@ class RunSummary:
     epochs: float
     data_split: str
     final_loss: float
-    """Mean over the workers and the last ``FINAL_LOSS_WINDOW`` steps."""
+    """Mean over the workers and the last ``FINAL_LOSS_WINDOW`` steps that went ahead."""
     test_accuracy: float
     time_per_step_s: float
     """Median over the steps after ``TIMING_WARMUP_STEPS`` (rank 0's)."""
@@ -137,12 +138,15 @@ class RunSummary:
     params_identical: bool
     params_max_abs_diff: float
     worker_train_time_s: list[float]
+    skipped_steps: int = 0
+    """Steps skipped for a NaN or an Inf in some worker's gradient (``--nan-policy skip``; rank 0's count)."""
     accuracy_history: list[EvalRecord] = field(default_factory=list)
     target: TargetResult | None = None
     servers: ServerSection | None = None
     gossip: GossipSection | None = None
     history: list[StepRecord] = field(default_factory=list)
-    """Per step: rank 0's time and bytes, the loss averaged over the workers."""
+    """Per step: rank 0's time and bytes, the loss averaged over the workers whose step went ahead (NaN, and
+    null in the JSON, for a step every worker skipped)."""
 
     @property
     def compression_ratio(self) -> float | None:
@@ -169,8 +173,12 @@ class RunSummary:
             out.update({k: v for k, v in dataclasses.asdict(self.servers).items() if v is not None})
         if self.gossip is not None:
             out.update(dataclasses.asdict(self.gossip))
-        keys = ["step", "loss", "time", "bytes_sent"] + (["consensus_distance"] if self.gossip else [])
+        keys = ["step", "loss", "time", "bytes_sent", "skipped"] + (
+            ["consensus_distance"] if self.gossip else []
+        )
         out["history"] = [{k: getattr(r, k) for k in keys} for r in self.history]
+        for h in out["history"]:  # JSON has no NaN
+            h["loss"] = h["loss"] if math.isfinite(h["loss"]) else None
         return out
 
     def rows(self) -> list[tuple[str, str]]:
@@ -194,6 +202,13 @@ class RunSummary:
                 else f"NO: workers differ by up to {self.params_max_abs_diff:.3g}",
             ),
         ]
+        if self.skipped_steps:
+            rows.append(
+                (
+                    "skipped steps",
+                    f"{self.skipped_steps} (a NaN or an Inf in some worker's gradient: no update)",
+                )
+            )
         if self.servers is not None:
             rows += self.servers.rows()
         if len(self.worker_train_time_s) > 1:
@@ -213,8 +228,16 @@ class RunSummary:
         return rows
 
 
-def median_step_time(times: list[float]) -> float:
-    """The median step time, leaving out the first steps (see ``TIMING_WARMUP_STEPS``)."""
+def final_loss(losses: list[float]) -> float:
+    """The mean of the last ``FINAL_LOSS_WINDOW`` losses that are numbers (skipped steps have none)."""
+    window = [x for x in losses if math.isfinite(x)][-FINAL_LOSS_WINDOW:]
+    return sum(window) / len(window) if window else math.nan
+
+
+def median_step_time(records: list[StepRecord]) -> float:
+    """The median step time, leaving out the first steps (see ``TIMING_WARMUP_STEPS``) and skipped ones
+    (no optimizer step: not what a step costs)."""
+    times = [r.time for r in records if not r.skipped] or [r.time for r in records]
     n = len(times)
     timed = times[TIMING_WARMUP_STEPS:] if n > 2 * TIMING_WARMUP_STEPS else times[n // 2 :]
     return statistics.median(timed)
@@ -226,14 +249,20 @@ def reduce_metrics(
     device: torch.device,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[list[float], list[float], list[float]]:
-    """After the timed loop: the per-step losses averaged over the workers, the mean bytes sent, received and
-    uncompressed per worker per step, and each worker's training time.
+    """After the timed loop: the per-step losses averaged over the workers whose step went ahead (NaN where
+    none did), the mean bytes sent, received and uncompressed per worker per step, and each worker's training
+    time.
 
     One collective each after the loop rather than one per step. NCCL only reduces CUDA tensors: metrics
     travel on the training device and come back."""
     world, n_steps = dist.get_world_size(group), len(records)
-    losses = torch.tensor([r.loss for r in records], dtype=torch.float64, device=device)
-    dist.all_reduce(losses, group=group)
+    # Per step, the sum of the losses of the workers whose step went ahead and their count.
+    went = [not r.skipped and math.isfinite(r.loss) for r in records]
+    sums = torch.tensor(
+        [[r.loss if ok else 0.0, float(ok)] for r, ok in zip(records, went, strict=True)], dtype=torch.float64
+    ).reshape(-1, 2)
+    sums = sums.to(device)
+    dist.all_reduce(sums, group=group)
     mine = torch.tensor(
         [stats.bytes_sent, stats.bytes_received, stats.bytes_uncompressed, sum(r.time for r in records)],
         dtype=torch.float64,
@@ -242,7 +271,8 @@ def reduce_metrics(
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     totals = torch.stack(every).sum(0).cpu()[:3] / (world * n_steps)
-    return (losses.cpu() / world).tolist(), [float(v) for v in totals], [float(t[3]) for t in every]
+    losses = [total / count if count else math.nan for total, count in sums.cpu().tolist()]
+    return losses, [float(v) for v in totals], [float(t[3]) for t in every]
 
 
 def _params_checksum(model: nn.Module) -> torch.Tensor:

@@ -32,11 +32,11 @@ from gradzip.train.loop import evaluate, run_steps
 from gradzip.train.models import build_model
 from gradzip.train.records import LoopResult
 from gradzip.train.summary import (
-    FINAL_LOSS_WINDOW,
     GossipSection,
     RunSummary,
     ServerSection,
     TargetResult,
+    final_loss,
     median_step_time,
     params_agreement,
     reduce_metrics,
@@ -148,7 +148,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
     data, n_steps, per_epoch, batch, model = setup_run(cfg, device, world)
     root = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     meta = checkpoint.fingerprint(cfg, model, world)
-    checkpoint.check_same_run_everywhere(meta, group)
+    # The NaN policy may change on a resume, but every worker must run the same one (it decides who takes part
+    # in the step's agreement).
+    checkpoint.check_same_run_everywhere({**meta, "nan_policy": cfg.nan_policy}, group)
     saved = None
     # A restart after a worker died (the launcher's --max-restarts, or torchrun's) continues where it was.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -168,7 +170,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
                 )
         elif rank == 0 and not cfg.quiet:
             print(f"gradzip: no checkpoint in {root} yet: starting from step 0", file=sys.stderr)
-    run = Settings(cfg.method, cfg.options, cfg.lr, cfg.momentum, cfg.bucket_cap_mb, cfg.timeout)
+    run = Settings(
+        cfg.method, cfg.options, cfg.lr, cfg.momentum, cfg.bucket_cap_mb, cfg.timeout, cfg.nan_policy
+    )
     server_states = saved["exchange"].get("servers") if saved is not None else None
     ex = build_exchange(model, device, run, group, server_states)
     result = checkpoint.restore(saved, ex) if saved is not None else None
@@ -289,9 +293,9 @@ def summarize(
         steps=n_steps,
         epochs=n_steps / per_epoch,
         data_split=cfg.data_split,
-        final_loss=sum(losses[-FINAL_LOSS_WINDOW:]) / len(losses[-FINAL_LOSS_WINDOW:]),
+        final_loss=final_loss(losses),
         test_accuracy=accuracy,
-        time_per_step_s=median_step_time([r.time for r in result.records]),
+        time_per_step_s=median_step_time(result.records),
         total_train_time_s=result.train_time_s,
         bytes_sent_per_step=bytes_sent,
         bytes_received_per_step=bytes_received,
@@ -299,6 +303,7 @@ def summarize(
         params_identical=params_identical,
         params_max_abs_diff=params_max_abs_diff,
         worker_train_time_s=worker_train_time_s,
+        skipped_steps=sum(r.skipped for r in result.records),
         accuracy_history=result.evals,
         target=TargetResult.of(result.evals, cfg.target_accuracy)
         if cfg.target_accuracy is not None

@@ -104,6 +104,39 @@ def test_loaded_residuals_and_velocity_follow_the_gradient() -> None:
     assert velocity.buffers["w"] is u  # kept, moved, for the next step
 
 
+def test_staged_state_is_kept_until_commit_and_dropped_by_rollback() -> None:
+    """``nan_policy="skip"``: a step's new residual and velocity go to second buffers; ``commit`` makes them
+    the kept ones, ``rollback`` leaves the kept ones bit for bit as they were; the numbers are the same as
+    the in-place (unstaged) form's."""
+    g1, g2 = torch.randn(6), torch.randn(6)
+    plain, staged = ErrorFeedback(), ErrorFeedback(staged=True)
+    uplain, ustaged = Velocity(0.9), Velocity(0.9, staged=True)
+    for ef, u in ((plain, uplain), (staged, ustaged)):
+        ef.compensate("w", u("w", g1)).mul_(0.5)  # the caller leaves the new residual in the buffer
+        ef.commit()
+        u.commit()
+    assert torch.equal(staged.residuals["w"], plain.residuals["w"])
+    kept, vel = staged.residuals["w"].clone(), ustaged.buffers["w"].clone()
+    p = staged.compensate("w", ustaged("w", g2))
+    assert p is not staged.residuals["w"] and torch.equal(staged.residuals["w"], kept)  # not yet
+    staged.rollback()
+    ustaged.rollback()
+    assert torch.equal(staged.residuals["w"], kept) and torch.equal(ustaged.buffers["w"], vel)
+    for ef, u in ((plain, uplain), (staged, ustaged)):
+        ef.compensate("w", u("w", g2))
+        ef.commit()
+        u.commit()
+    assert torch.equal(staged.residuals["w"], plain.residuals["w"])
+    assert torch.equal(ustaged.buffers["w"], uplain.buffers["w"])
+    # A first step that is rolled back leaves no residual at all, and in place there is nothing to undo.
+    fresh = ErrorFeedback(staged=True)
+    fresh.compensate("b", g1)
+    fresh.rollback()
+    assert fresh.residuals == {}
+    with pytest.raises(RuntimeError, match="cannot be rolled back"):
+        plain.rollback()
+
+
 # ------------------------------------------------------------------------------------------------ sign
 
 

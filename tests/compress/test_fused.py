@@ -68,6 +68,28 @@ def test_compensate_and_project_match_torch(
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize(("rows", "cols", "r"), SHAPES[:4])
+def test_compensate_into_a_second_buffer_leaves_e_as_it_was(
+    rows: int, cols: int, r: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staged residuals (``nan_policy="skip"``): ``M = e + g`` goes to ``m`` and ``e`` stays untouched, with the
+    same projection and the same ``M``, bit for bit, as the in-place form."""
+    gen = torch.Generator().manual_seed(rows + cols * r)
+    e0, g = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
+    qt, p = torch.randn(r, cols, generator=gen), torch.randn(r, rows, generator=gen).T
+    for project, factor, n in (
+        (fused.compensate_project_right, qt, rows),
+        (fused.compensate_project_left, p, cols),
+    ):
+        for run in (lambda op: op(), lambda op: torch_path(monkeypatch, op)):
+            in_place = e0.clone()
+            want = run(lambda f=factor, n=n, pr=project, w=in_place: pr(w, g, f, torch.empty(r, n)))
+            e, m = e0.clone(), torch.full((rows, cols), float("nan"))
+            got = run(lambda f=factor, n=n, pr=project, e=e, m=m: pr(e, g, f, torch.empty(r, n), m))
+            assert torch.equal(e, e0)  # the kept residual is untouched
+            assert torch.equal(m, in_place) and torch.equal(got, want)
+
+
 @pytest.mark.parametrize(("rows", "cols", "r"), SHAPES)
 @pytest.mark.parametrize("same", [True, False])
 def test_residual_expand_matches_torch(

@@ -9,36 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from gradzip.cli import main
 from gradzip.train import checkpoint
 from gradzip.train.config import TrainConfig
 from gradzip.train.worker import run_worker
-from tests.distributed import free_port, run_workers
+from tests.distributed import differences, free_port, run_workers
 
 N, K = 12, 6  # steps of a run, and where the interrupted one stops
-
-
-def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
-    """Every leaf of a nested state, by path."""
-    if isinstance(x, dict):
-        return {k: v for key, value in x.items() for k, v in _flat(value, f"{prefix}/{key}").items()}
-    if isinstance(x, (list, tuple)):
-        return {k: v for i, value in enumerate(x) for k, v in _flat(value, f"{prefix}[{i}]").items()}
-    return {prefix: x}
-
-
-def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The leaves of two states that are not bit-identical (tensors compared with torch.equal)."""
-    fa, fb = _flat(a), _flat(b)
-    out = sorted(set(fa) ^ set(fb))
-    for key in set(fa) & set(fb):
-        x, y = fa[key], fb[key]
-        same = torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-        if not same:
-            out.append(key)
-    return sorted(out)
 
 
 def _runs(

@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from gradzip.train.records import EvalRecord, StepRecord
-from gradzip.train.summary import GossipSection, RunSummary, ServerSection, TargetResult
+from gradzip.train.summary import (
+    GossipSection,
+    RunSummary,
+    ServerSection,
+    TargetResult,
+    final_loss,
+    median_step_time,
+)
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_above_it() -> None:
@@ -32,7 +39,7 @@ def _summary(**sections: object) -> RunSummary:
 def test_the_json_is_flat_and_each_family_adds_its_own_keys() -> None:
     plain = _summary().to_dict()
     assert plain["compression_ratio"] == 4.0
-    assert plain["history"] == [{"step": 0, "loss": 1.0, "time": 0.01, "bytes_sent": None}]
+    assert plain["history"] == [{"step": 0, "loss": 1.0, "time": 0.01, "bytes_sent": None, "skipped": False}]
     assert not {"target_accuracy", "servers", "staleness", "topology"} & set(plain)
     gossip = _summary(gossip=GossipSection("ring", 0.5, [0.8, 0.9], 1e-3)).to_dict()
     assert gossip["topology"] == "ring" and gossip["worker_accuracies"] == [0.8, 0.9]
@@ -60,3 +67,19 @@ def test_the_json_is_flat_and_each_family_adds_its_own_keys() -> None:
     rows = dict(_summary(servers=asynchronous).rows())
     assert rows["max lead"] == "2 steps ahead of the slowest (bound 4)"
     assert rows["compression vs ssgd"] == "4.0x" and rows["sent per step"] == "100 B per worker"
+
+
+def test_skipped_steps_have_no_loss_in_the_json_and_are_left_out_of_the_loss_and_the_step_time() -> None:
+    nan = float("nan")
+    assert final_loss([3.0] * 5 + [1.0] * 9 + [nan, 1.0]) == 1.0  # the last 10 that are numbers
+    records = [StepRecord(i, 1.0, 1.0, 0.0, 0.0) for i in range(12)] + [
+        StepRecord(12, nan, 9.0, 0.0, 0.0, skipped=True)
+    ]
+    assert median_step_time(records) == 1.0
+    summary = _summary()
+    summary.history = [StepRecord(0, nan, 0.01, 0.0, 0.0, skipped=True)]
+    summary.skipped_steps = 1
+    assert summary.to_dict()["history"][0]["loss"] is None
+    assert summary.to_dict()["skipped_steps"] == 1
+    assert dict(summary.rows())["skipped steps"].startswith("1 ")
+    assert "skipped steps" not in dict(_summary().rows())

@@ -62,7 +62,7 @@ def _check_summary(summary: dict[str, Any], method: str, steps: int, workers: in
     assert summary["params_identical"] is True
     assert len(summary["history"]) == steps
     assert [h["step"] for h in summary["history"]] == list(range(steps))
-    assert all(set(h) == {"step", "loss", "time", "bytes_sent"} for h in summary["history"])
+    assert all(set(h) == {"step", "loss", "time", "bytes_sent", "skipped"} for h in summary["history"])
     assert summary["bytes_sent_per_step"] > 0
     assert summary["time_per_step_s"] > 0
     # The ratio's two sides counted independently of the code that divides them: uncompressed is the fp32

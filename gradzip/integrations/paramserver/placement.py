@@ -37,5 +37,7 @@ class Setup:
     lr: float = 0.0
     momentum: float = 0.0
     initial: list[torch.Tensor] = field(default_factory=list)  # async: the server's part of the model
+    nan_policy: str = "skip"
+    """The workers' ``nan_policy``: under ``raise`` a server stops too once it has told every worker."""
     state: dict[str, Any] | None = None
     """The server's state to continue from (a resumed run), as its ``state_dict()`` gave it."""

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from gradzip.comm import wire
 from gradzip.comm.collectives import Comm
+from gradzip.comm.finite import NonFiniteGradient
 from gradzip.compress.feedback import ErrorFeedback
 from gradzip.config import DoubleSqueezeAsyncConfig, DoubleSqueezeConfig
 from gradzip.integrations.paramserver.placement import ASYNC, Setup
@@ -64,10 +65,22 @@ class _Server:
                 f"server {self.part} lost worker rank {worker}: {first_line(err)}"
             ) from None
 
-    def _reply(self, worker: int, step: int, payloads: list[torch.Tensor]) -> Any:
-        msg = wire.message(self.width, step)
-        self.codec.pack(payloads, self.numels, self.part, wire.payload(msg))
+    def _reply(
+        self, worker: int, step: int, payloads: list[torch.Tensor] | None, poisoned: list[int] | None = None
+    ) -> Any:
+        """Send ``payloads`` (None: zeros) to ``worker``; flagged ``NONFINITE`` with ``poisoned`` workers."""
+        if poisoned:
+            msg = wire.message(self.width, step, wire.NONFINITE, (poisoned[0], len(poisoned)))
+        else:
+            msg = wire.message(self.width, step)
+        if payloads is not None:
+            self.codec.pack(payloads, self.numels, self.part, wire.payload(msg))
         return self.comm.isend(msg, worker)
+
+    def _stop_on(self, poisoned: list[int], step: int) -> None:
+        """Under ``nan_policy="raise"``, once every worker has been told: stop like them."""
+        if self.setup.nan_policy == "raise":
+            raise NonFiniteGradient(poisoned, step)
 
     def run(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -114,12 +127,19 @@ class _SyncServer(_Server):
                     f"server {self.part}: the workers sent different steps {[s for s, _ in headers]}: their "
                     "states do not belong to the same run"
                 )
-            rows = torch.stack([wire.payload(buf) for buf in pending])
-            received = self.codec.aggregate(rows, self.numels, self.names, self.part, "", step)
-            payloads = server_step(self.codec, self.ef, received, self.names, self.part, step)
-            sends = [self._reply(i, step, payloads) for i in range(workers)]
+            # A worker that saw a NaN or an Inf pushed zeros: every worker skips the step, and the server
+            # residuals stay as they were (comm.finite).
+            poisoned = [i for i, f in enumerate(flags) if f & wire.NONFINITE]
+            payloads = None
+            if not poisoned:
+                rows = torch.stack([wire.payload(buf) for buf in pending])
+                received = self.codec.aggregate(rows, self.numels, self.names, self.part, "", step)
+                payloads = server_step(self.codec, self.ef, received, self.names, self.part, step)
+            sends = [self._reply(i, step, payloads, poisoned) for i in range(workers)]
             for i, work in enumerate(sends):
                 self._wait(i, work)
+            if poisoned:
+                self._stop_on(poisoned, step)  # under "raise", before any state: the workers stop too
             if any(f & wire.CHECKPOINT for f in flags):
                 dist.send_object_list([self.state_dict()], dst=0)  # worker 0 writes it into its checkpoint
 
@@ -148,6 +168,8 @@ class _AsyncServer(_Server):
         staleness: collections.Counter[int] = collections.Counter()
         max_lead = 0
         buf = wire.message(self.width)
+        poisoned: list[int] = []  # under nan_policy "raise": the worker whose push stops the run
+        dropped: set[int] = set()  # workers whose last push was dropped (told so in their next reply)
         while active:
             # Pushes are handled in the order they arrive, from whichever worker (a receive from any source:
             # every worker's message to this server has the same size).
@@ -163,17 +185,35 @@ class _AsyncServer(_Server):
             clock, flags = wire.header(buf)
             if flags & wire.STOP:
                 active.discard(i)
+            elif flags & wire.NONFINITE:  # a NaN or an Inf in its gradient: dropped, never applied
+                clocks[i] = clock + 1
+                waiting.add(i)
+                dropped.add(i)
+                if self.setup.nan_policy == "raise" and not poisoned:
+                    poisoned = [i]
             else:
                 staleness[self.model.apply(i, wire.payload(buf), clock)] += 1
                 clocks[i] = clock + 1
                 waiting.add(i)
+            if (
+                poisoned
+            ):  # under "raise": every worker is told at its next push (or now, if it waits), then stop
+                for j in sorted(waiting):
+                    self._wait(j, self._reply(j, clocks[j] - 1, None, poisoned))
+                    active.discard(j)
+                waiting.clear()
+                continue
             for j in sorted(waiting):
                 slowest = min((clocks[k] for k in active), default=clocks[j])
                 # Stale synchronous parallel: reply (and so let the worker go on) unless it is too far ahead.
                 if clocks[j] - slowest <= self.max_staleness:
                     max_lead = max(max_lead, clocks[j] - slowest)
-                    self._wait(j, self._reply(j, clocks[j] - 1, self.model.reply(j, clocks[j] - 1)))
+                    reply = self.model.reply(j, clocks[j] - 1)
+                    self._wait(j, self._reply(j, clocks[j] - 1, reply, [j] if j in dropped else None))
+                    dropped.discard(j)
                     waiting.discard(j)
+        if poisoned:
+            self._stop_on(poisoned, clocks[poisoned[0]] - 1)
         final = torch.cat(self.model.x) if self.model.x else torch.zeros(0)
         for i in range(n):  # every worker ends with the authoritative model
             self._wait(i, dist.isend(final, i))

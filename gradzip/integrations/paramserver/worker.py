@@ -11,6 +11,7 @@ from torch import nn
 
 from gradzip.comm import wire
 from gradzip.comm.collectives import Comm, CommStats
+from gradzip.comm.finite import NonFiniteGradient, any_nonfinite, check_nan_policy, first_nonfinite
 from gradzip.compress.feedback import ErrorFeedback, Velocity
 from gradzip.config import DoubleSqueezeConfig
 from gradzip.integrations.paramserver.placement import ASYNC, SYNC, Setup, server_ranks
@@ -25,6 +26,12 @@ class PSWorker:
     Synchronous: the gradients are replaced by the servers' aggregate ``C(v)``; run the optimizer after.
     Asynchronous: the servers run the optimizer; ``step()`` applies the servers' update to the parameters
     (no optimizer on the worker). ``close()`` at the end (the servers return once every worker has closed).
+
+    ``nan_policy`` (:mod:`gradzip.comm.finite`): a worker whose gradient holds a NaN or an Inf pushes zeros
+    flagged ``NONFINITE`` instead; the synchronous servers then skip the step for every worker (``step()``
+    returns False, the gradients are zeros, and worker and server residuals stay as they were), the
+    asynchronous ones drop that push; under ``raise`` every worker (and server) raises
+    :class:`~gradzip.comm.finite.NonFiniteGradient`.
 
     State: ``state_dict()`` is this worker's; the servers' comes to worker 0 at a step that every worker
     announced with ``collect_server_states()`` (``server_states`` after that step), and goes back to the
@@ -41,6 +48,7 @@ class PSWorker:
         momentum: float = 0.0,
         timeout: float = 300.0,
         server_states: list[dict[str, Any]] | None = None,
+        nan_policy: str = "skip",
         **options: Any,
     ) -> None:
         if method not in (SYNC, ASYNC):
@@ -68,9 +76,14 @@ class PSWorker:
         self.numels = tuple(p.numel() for _, p in self.params)
         self.widths = [self.codec.layout(self.numels, s).nbytes for s in range(servers)]
         self.comm = Comm()
-        self.ef = ErrorFeedback()
-        self.velocity = Velocity(cfg.momentum_correction)
+        self.nan_policy = check_nan_policy(nan_policy)
+        # Staged: a step the servers skip leaves the residuals and velocity as they were (comm.finite).
+        self.ef = ErrorFeedback(staged=nan_policy == "skip")
+        self.velocity = Velocity(cfg.momentum_correction, staged=nan_policy == "skip")
         self.step_count = 0
+        """Steps done (skipped ones not counted; the asynchronous variant counts every push)."""
+        self.skipped_steps = 0
+        self.step_skipped = False
         self.wait_s = 0.0
         self.server_stats: list[dict[str, Any]] = []
         self.server_states: list[dict[str, Any]] | None = None
@@ -81,6 +94,7 @@ class PSWorker:
         if self.rank == 0:
             for s, dst in enumerate(self.servers):
                 setup = Setup(method, cfg.to_dict(), self.names, list(self.numels), self.workers, timeout)
+                setup.nan_policy = nan_policy
                 setup.state = server_states[s] if server_states is not None else None
                 if self.asynchronous:
                     setup.lr, setup.momentum = float(lr or 0.0), momentum
@@ -96,6 +110,7 @@ class PSWorker:
         """The worker's residuals and velocity (keyed by parameter name), compressor RNG, step and traffic."""
         return {
             "step": self.step_count,
+            "skipped": self.skipped_steps,
             "residuals": self.ef.state_dict(),
             "velocity": self.velocity.state_dict(),
             "compressor": self.codec.compressor.state_dict(),
@@ -104,6 +119,7 @@ class PSWorker:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step_count = int(sd["step"])
+        self.skipped_steps = int(sd.get("skipped", 0))
         self.ef.load_state_dict(sd["residuals"])
         self.velocity.load_state_dict(sd["velocity"])
         self.codec.compressor.load_state_dict(sd["compressor"])
@@ -130,24 +146,65 @@ class PSWorker:
         # Async replies are per worker, so their random streams are too (random-k redraws the indices).
         return (f"/from{self.rank}", f"/to{self.rank}") if self.asynchronous else ("", "/server")
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Push this step's gradients and apply the servers' reply. Returns False when the step was skipped
+        (a NaN or Inf in some worker's gradient, ``nan_policy="skip"``): run the optimizer only when True."""
         push_tag, reply_tag = self._tags()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.params]
-        pushes = self.codec.compress_worker(
-            self.ef, self.velocity, [g.detach() for g in grads], self.names, push_tag, self.step_count
-        )
-        works, replies = [], []
         flags = wire.CHECKPOINT if self._collect else 0
-        for (s, dst), payloads in zip(enumerate(self.servers), pushes, strict=True):
+        bad = self.nan_policy != "off" and bool(any_nonfinite(grads))
+        where = first_nonfinite(grads, self.names) if bad else None
+        generator = self.codec.compressor.generator
+        rewind = generator.get_state()
+        if not bad:
+            pushes = self.codec.compress_worker(
+                self.ef, self.velocity, [g.detach() for g in grads], self.names, push_tag, self.step_count
+            )
+        else:  # nothing of it enters a residual or the wire: the push is zeros, flagged
+            flags |= wire.NONFINITE
+            pushes = None
+        works, replies = [], []
+        for s, dst in enumerate(self.servers):
             msg = wire.message(self.widths[s], self.step_count, flags)
-            self.codec.pack(payloads, self.numels, s, wire.payload(msg))
+            if pushes is not None:
+                self.codec.pack(pushes[s], self.numels, s, wire.payload(msg))
             works.append((s, self.comm.isend(msg, dst)))
             reply = wire.message(self.widths[s])
             works.append((s, self.comm.irecv(reply, dst)))
             replies.append(reply)
         self._wait(works)
         self.comm.stats.bytes_uncompressed += sum(4 * n for n in self.numels)  # what plain fp32 would send
-        self.comm.stats.steps += 1
+        skipped = bool(wire.header(replies[0])[1] & wire.NONFINITE)
+        if skipped:
+            first, count = wire.poisoned(replies[0])
+            if self.nan_policy == "raise":
+                # The step as the loop counts it: the asynchronous step count already holds the skipped ones.
+                step = self.step_count + (0 if self.asynchronous else self.skipped_steps)
+                raise NonFiniteGradient([first], step, where if first == self.rank else None, count - 1)
+            self.ef.rollback()
+            self.velocity.rollback()
+            generator.set_state(rewind)
+        else:
+            self.ef.commit()
+            self.velocity.commit()
+            self.comm.stats.steps += 1
+        if not skipped or self.asynchronous:  # an asynchronous reply carries the others' updates all the same
+            self._apply(replies, grads, reply_tag)
+        if not self.asynchronous:
+            for (_, p), g in zip(self.params, grads, strict=True):
+                p.grad = g.zero_() if skipped else g
+        if self._collect:
+            self._collect = False
+            if self.rank == 0:  # each server sends its state right after its replies
+                self.server_states = [self._receive_object(s) for s in range(len(self.servers))]
+        self.step_skipped = skipped
+        if skipped:
+            self.skipped_steps += 1
+        if not skipped or self.asynchronous:  # the asynchronous servers count every push
+            self.step_count += 1
+        return not skipped
+
+    def _apply(self, replies: list[torch.Tensor], grads: list[torch.Tensor], reply_tag: str) -> None:
         for s, reply in enumerate(replies):
             parts = self.codec.decode(
                 wire.payload(reply), self.numels, self.names, s, reply_tag, self.step_count
@@ -159,14 +216,6 @@ class PSWorker:
                         p.view(-1)[a:b].add_(part.to(p.dtype))
                     else:  # the aggregated gradient C(v)
                         g.view(-1)[a:b].copy_(part)
-        if not self.asynchronous:
-            for (_, p), g in zip(self.params, grads, strict=True):
-                p.grad = g
-        if self._collect:
-            self._collect = False
-            if self.rank == 0:  # each server sends its state right after its replies
-                self.server_states = [self._receive_object(s) for s in range(len(self.servers))]
-        self.step_count += 1
 
     def _receive_object(self, s: int) -> Any:
         box: list[Any] = [None]

@@ -119,7 +119,20 @@ class AsyncServerPart:
             "velocity": [t.clone() for t in self.velocity],
             "held": [[t.clone() for t in h] for h in self.held],
             "version": self.version,
+            "seen": list(self.seen),
         }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if len(sd["held"]) != len(self.held) or [t.numel() for t in sd["x"]] != [t.numel() for t in self.x]:
+            raise ValueError(
+                f"server state of {len(sd['held'])} workers and {len(sd['x'])} tensors; this run has "
+                f"{len(self.held)} workers and {len(self.x)} tensors"
+            )
+        self.x = [t.clone() for t in sd["x"]]
+        self.velocity = [t.clone() for t in sd["velocity"]]
+        self.held = [[t.clone() for t in h] for h in sd["held"]]
+        self.version = int(sd["version"])
+        self.seen = [int(v) for v in sd["seen"]]
 
 
 @dataclass

@@ -167,12 +167,6 @@ class TrainConfig:
             raise ValueError(
                 "max_restarts needs checkpoint_dir: restarted workers continue from the latest checkpoint"
             )
-        if self.checkpoint_dir is not None and get_spec(self.method).kind == "server":
-            # Its servers apply pushes in arrival order: no two runs are the same, so no resume can be exact.
-            raise ValueError(
-                f"{self.method} cannot checkpoint yet: its servers apply pushes in arrival order, so a resume "
-                "could not continue the run exactly; use doublesqueeze with placement=server"
-            )
         check_nan_policy(self.nan_policy)
         straggler = parse_straggler(self.straggler)
         if straggler is not None and straggler[0] >= self.workers:

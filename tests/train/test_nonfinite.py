@@ -107,13 +107,32 @@ def test_every_family_skips_a_poisoned_step_on_every_worker_leaving_every_state_
             assert checkpoint.load(tmp_path / str(i), POISONED, 0)["exchange"]["servers"][0]["residuals"]
 
 
+ASYNC = ("doublesqueeze-async", {}, 2)  # 2 workers + 1 server
+
+
+def test_the_asynchronous_servers_drop_a_poisoned_push_alone(tmp_path: Path) -> None:
+    """Asynchronous: no step is common to every worker, so the poisoned push alone is dropped; that worker's
+    residuals and velocity stay as they were, it still takes the servers' update, and the others go on."""
+    cases = [{"family": ASYNC, "policy": "skip", "nan": {POISONED}}]
+    results = run_workers(_runs, 3, cases, str(tmp_path), [free_port()], init=False, timeout=400)
+    assert isinstance(results[0][0], dict), results[0][0]
+    before, after = (checkpoint.load(tmp_path / "0", s, 1) for s in (POISONED, POISONED + 1))
+    for part in ("residuals", "velocity"):
+        assert not differences(before["exchange"]["worker"][part], after["exchange"]["worker"][part]), part
+    assert differences(before["model"], after["model"])  # the others' pushes reached it all the same
+    assert after["records"][POISONED]["skipped"]
+    final = checkpoint.load(tmp_path / "0", STEPS, 0)["exchange"]["servers"][0]
+    assert final["version"] == 2 * STEPS - 1  # every push applied but the poisoned one
+
+
 def test_raise_stops_every_process_naming_the_worker_and_the_step(tmp_path: Path) -> None:
-    cases = [{"family": f, "policy": "raise", "nan": {POISONED}} for f in FAMILIES]
+    families = [*FAMILIES, ASYNC]
+    cases = [{"family": f, "policy": "raise", "nan": {POISONED}} for f in families]
     results = run_workers(
         _runs, 3, cases, str(tmp_path), [free_port() for _ in cases], init=False, timeout=400
     )
     for rank, per_case in enumerate(results):
-        for (method, _, _), r in zip(FAMILIES, per_case, strict=True):
+        for (method, _, _), r in zip(families, per_case, strict=True):
             # Every process, the server too, stops with the same words, before any step after it.
             assert isinstance(r, str) and r.startswith("NonFiniteGradient"), (method, rank, r)
             assert f"on worker 1 at step {POISONED}" in r, (method, rank, r)

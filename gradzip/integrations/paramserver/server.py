@@ -153,20 +153,43 @@ class _AsyncServer(_Server):
             codec, part, self.names, self.numels, setup.initial, setup.workers, setup.lr, setup.momentum,
             error_feedback=cfg.server_error_feedback,
         )  # fmt: skip
+        self.clocks = [0] * setup.workers  # the next step each worker will push
+        self.staleness: collections.Counter[int] = collections.Counter()
+        self.max_lead = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return self.model.state_dict()
+        """The authoritative model, its velocity, each worker's copy, the clocks and the statistics so far;
+        taken at a checkpoint's barrier (see ``run``), where it agrees with every worker's own checkpoint."""
+        return {
+            **self.model.state_dict(),
+            "clocks": list(self.clocks),
+            "staleness": dict(self.staleness),
+            "max_lead": self.max_lead,
+            "compressor": self.codec.compressor.state_dict(),
+            "stats": self.comm.stats.to_dict(),
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        raise ValueError("the asynchronous servers cannot continue from a saved state (see PSWorker)")
+        self.model.load_state_dict(sd)
+        self.clocks = [int(c) for c in sd["clocks"]]
+        self.staleness = collections.Counter({int(k): int(v) for k, v in sd["staleness"].items()})
+        self.max_lead = int(sd["max_lead"])
+        self.codec.compressor.load_state_dict(sd["compressor"])
+        for k, v in sd["stats"].items():
+            setattr(self.comm.stats, k, int(v))
 
     def run(self) -> dict[str, Any]:
+        """Serve pushes in arrival order, each worker at most ``max_staleness`` steps ahead of the slowest.
+
+        A push flagged ``CHECKPOINT`` is a barrier: it is applied, but its reply waits until every worker has
+        pushed its flagged step (the same step on every worker). Every worker has then pushed exactly the
+        steps up to it; the replies go out (bringing each worker's copy up to date), then the state goes to
+        worker 0: a state that every worker's checkpoint of that step agrees with."""
         n = self.setup.workers
-        clocks = [0] * n
+        clocks, staleness = self.clocks, self.staleness
         active = set(range(n))
         waiting: set[int] = set()
-        staleness: collections.Counter[int] = collections.Counter()
-        max_lead = 0
+        at_barrier: set[int] = set()
         buf = wire.message(self.width)
         poisoned: list[int] = []  # under nan_policy "raise": the worker whose push stops the run
         dropped: set[int] = set()  # workers whose last push was dropped (told so in their next reply)
@@ -185,29 +208,35 @@ class _AsyncServer(_Server):
             clock, flags = wire.header(buf)
             if flags & wire.STOP:
                 active.discard(i)
-            elif flags & wire.NONFINITE:  # a NaN or an Inf in its gradient: dropped, never applied
-                clocks[i] = clock + 1
-                waiting.add(i)
-                dropped.add(i)
-                if self.setup.nan_policy == "raise" and not poisoned:
-                    poisoned = [i]
             else:
-                staleness[self.model.apply(i, wire.payload(buf), clock)] += 1
+                if flags & wire.NONFINITE:  # a NaN or an Inf in its gradient: dropped, never applied
+                    dropped.add(i)
+                    if self.setup.nan_policy == "raise" and not poisoned:
+                        poisoned = [i]
+                else:
+                    staleness[self.model.apply(i, wire.payload(buf), clock)] += 1
                 clocks[i] = clock + 1
-                waiting.add(i)
-            if (
-                poisoned
-            ):  # under "raise": every worker is told at its next push (or now, if it waits), then stop
+                (at_barrier if flags & wire.CHECKPOINT else waiting).add(i)
+            if poisoned:  # under "raise": every worker is told at its next push (or now), then stop
+                waiting |= at_barrier
+                at_barrier.clear()
                 for j in sorted(waiting):
                     self._wait(j, self._reply(j, clocks[j] - 1, None, poisoned))
                     active.discard(j)
                 waiting.clear()
                 continue
+            if at_barrier and at_barrier >= active:  # every worker pushed the checkpoint's step
+                for j in sorted(at_barrier):
+                    reply = self.model.reply(j, clocks[j] - 1)
+                    self._wait(j, self._reply(j, clocks[j] - 1, reply, [j] if j in dropped else None))
+                    dropped.discard(j)
+                at_barrier.clear()
+                dist.send_object_list([self.state_dict()], dst=0)  # worker 0 writes it into its checkpoint
             for j in sorted(waiting):
                 slowest = min((clocks[k] for k in active), default=clocks[j])
                 # Stale synchronous parallel: reply (and so let the worker go on) unless it is too far ahead.
                 if clocks[j] - slowest <= self.max_staleness:
-                    max_lead = max(max_lead, clocks[j] - slowest)
+                    self.max_lead = max(self.max_lead, clocks[j] - slowest)
                     reply = self.model.reply(j, clocks[j] - 1)
                     self._wait(j, self._reply(j, clocks[j] - 1, reply, [j] if j in dropped else None))
                     dropped.discard(j)
@@ -221,6 +250,6 @@ class _AsyncServer(_Server):
         return {
             "pushes": self.model.version,
             "staleness": dict(sorted(staleness.items())),
-            "max_lead": max_lead,
+            "max_lead": self.max_lead,
             "max_staleness": self.max_staleness,
         }

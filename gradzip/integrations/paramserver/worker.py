@@ -128,12 +128,9 @@ class PSWorker:
 
     def collect_server_states(self) -> None:
         """Ask every server for its state after the next step (every worker calls it before the same step;
-        worker 0 then finds the states in ``server_states``)."""
-        if self.asynchronous:
-            raise ValueError(
-                "the asynchronous servers apply pushes in arrival order: their state at a worker's step is not "
-                "a state the run can continue from exactly, so it is not collected"
-            )
+        worker 0 then finds the states in ``server_states``). The asynchronous servers make that step a
+        barrier: no worker gets its reply before every worker has pushed it, so the state they hand over
+        agrees with every worker's own after it."""
         self._collect = True
 
     def _wait(self, works: list[tuple[int, Any]]) -> None:

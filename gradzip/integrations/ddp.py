@@ -7,6 +7,7 @@ it survives DDP's bucket rebuild after the first iteration and a restart.
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations as real objects.
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,45 +18,92 @@ from gradzip.comm.collectives import Comm, CommStats
 from gradzip.comm.finite import check_nan_policy
 from gradzip.compress.fusion import views_of
 from gradzip.reducers.reducer import Bucket, Reducer
-from gradzip.registry import get_spec
+from gradzip.registry import family, get_spec
 
 
 class HookState:
+    """A hook's state: the method's reducer, its traffic counters and the names of the parameters.
+
+    It may be built before ``init_process_group`` (Lightning's ``DDPStrategy(ddp_comm_state=...)`` needs it
+    then, as torch's ``PowerSGDState(process_group=None)`` allows): the reducer and its process group (the
+    default one, or the one given) are bound at the hook's first call, when DDP has one. ``stats`` exist from
+    the start; a state loaded before the first call is applied when the reducer is bound."""
+
     def __init__(
         self,
         method: str,
         options: dict[str, Any],
-        reducer: Reducer,
-        comm: Comm,
+        build: Callable[[Comm], Reducer],
+        process_group: dist.ProcessGroup | None = None,
         model: nn.Module | None = None,
+        nan_policy: str = "skip",
     ) -> None:
         self.method = method
         self.options = options
-        self.reducer = reducer
-        self.comm = comm
+        self.nan_policy = nan_policy
         self.hook_s = 0.0  # seconds inside the hook, waits included (compression = hook_s - reducer.wait_s)
+        self._build = build
+        self._group = process_group
+        self._stats = CommStats()
+        self._reducer: Reducer | None = None
+        self._comm: Comm | None = None
+        self._loaded: dict[str, Any] | None = None  # a state loaded before the reducer was bound
         self._names: dict[int, str] = {}
-        self._named_by_model = model is not None
         if model is not None:
-            for name, p in model.named_parameters():
-                # A DDP wrapper prefixes "module."; strip it so a state saved with DDP loads without it.
-                self._names[id(p)] = name.removeprefix("module.")
+            self.name_parameters(model)
+
+    def name_parameters(self, model: nn.Module) -> None:
+        """Key ``state_dict()`` by ``model``'s parameter names (the DDP module or the one it wraps); without
+        it, parameters are named in the order the first step meets them."""
+        for name, p in model.named_parameters():
+            # A DDP wrapper prefixes "module."; strip it so a state saved with DDP loads without it.
+            self._names[id(p)] = name.removeprefix("module.")
+
+    @property
+    def bound(self) -> bool:
+        """Whether the reducer is bound to its process group (at the first hook call, or on first use)."""
+        return self._reducer is not None
+
+    @property
+    def reducer(self) -> Reducer:
+        """The method's reducer, bound to the process group on first use."""
+        if self._reducer is None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    f"gradzip's {self.method} hook binds its process group at its first call, and "
+                    "torch.distributed is not initialised yet: call init_process_group first"
+                )
+            self._comm = Comm(self._group, stats=self._stats)
+            self._reducer = self._build(self._comm).use_nan_policy(self.nan_policy)
+            if self._loaded is not None:
+                self._reducer.load_state_dict(self._loaded)
+                self._loaded = None
+        return self._reducer
+
+    @property
+    def comm(self) -> Comm:
+        """The process group and its traffic (bound with the reducer)."""
+        self.reducer  # noqa: B018 (binds it)
+        assert self._comm is not None
+        return self._comm
 
     @property
     def stats(self) -> CommStats:
-        return self.comm.stats
+        return self._stats
 
     @property
     def step_skipped(self) -> bool:
         """Whether the last step was skipped because some worker's gradient held a NaN or an Inf
         (``nan_policy="skip"``): every worker's gradients are then zeros and its method state is as it was
         before the step. Skip ``optimizer.step()`` when it is true, on every worker."""
-        return self.reducer.step_skipped
+        return self._reducer is not None and self._reducer.step_skipped
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped so far (saved in ``state_dict()``)."""
-        return self.reducer.skipped_steps
+        if self._reducer is None:
+            return int((self._loaded or {}).get("skipped", 0))
+        return self._reducer.skipped_steps
 
     def _name(self, p: torch.Tensor) -> str:
         name = self._names.get(id(p))
@@ -72,11 +120,15 @@ class HookState:
         return Bucket(buffer, views_of(buffer, [p.shape for p in params]), keys, gb.is_last(), gb.index())
 
     def state_dict(self) -> dict[str, Any]:
+        # Before the first call: what was loaded, or the reducer bound now (a fresh one's state).
+        reducer = (
+            self._loaded if self._reducer is None and self._loaded is not None else self.reducer.state_dict()
+        )
         return {
             "method": self.method,
             "options": dict(self.options),
             "stats": self.stats.to_dict(),
-            "reducer": self.reducer.state_dict(),
+            "reducer": reducer,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -94,7 +146,10 @@ class HookState:
             raise ValueError(
                 f"unknown stats field {unknown[0]!r} in state; valid: {', '.join(sorted(known))}"
             )
-        self.reducer.load_state_dict(sd["reducer"])
+        if self._reducer is None:
+            self._loaded = sd["reducer"]  # applied when the reducer is bound
+        else:
+            self._reducer.load_state_dict(sd["reducer"])
         for k, v in sd.get("stats", {}).items():
             setattr(self.stats, k, int(v))
 
@@ -120,6 +175,9 @@ def ddp_hook(
 ) -> tuple[HookState, Any]:
     """Build method ``method`` with its options; returns ``(state, hook)`` for ``register_comm_hook``.
 
+    It may be called before ``init_process_group``: the state binds its process group (``process_group``, or
+    the default one) at the hook's first call.
+
     ``model`` (the DDP module or the wrapped one) names the parameters in ``state_dict()``; without it they
     are named in the order the first step meets them. ``nan_policy`` says what a NaN or Inf in any worker's
     gradient does (:mod:`gradzip.comm.finite`): ``"skip"`` skips the step on every worker, leaving the
@@ -130,8 +188,13 @@ def ddp_hook(
     spec = get_spec(method)
     cfg = spec.config_cls.from_options(method, options)
     check_nan_policy(nan_policy)
-    if not dist.is_initialized():
-        raise RuntimeError("gradzip.ddp_hook needs torch.distributed initialised (init_process_group)")
-    comm = Comm(process_group)
-    reducer = spec.build(cfg, comm).use_nan_policy(nan_policy)
-    return HookState(method, cfg.to_dict(), reducer, comm, model), _hook
+    if family(method, cfg.to_dict()) != "hook":
+        spec.build(cfg, None)  # type: ignore[arg-type]  # raises, saying what trains this method instead
+
+    def build(comm: Comm) -> Reducer:
+        return spec.build(cfg, comm)
+
+    state = HookState(method, cfg.to_dict(), build, process_group, model, nan_policy)
+    if dist.is_initialized():
+        state.reducer  # noqa: B018  (bound now: a bad pairing or group fails here, not in backward)
+    return state, _hook

@@ -343,6 +343,49 @@ def test_state_dict_resumes_exactly(method: str) -> None:
     assert all(run_workers(_resume, 2, method))
 
 
+def _built_before_init(rank: int, world: int, port: int) -> dict[str, Any]:
+    """The hook built before ``init_process_group`` (Lightning's DDPStrategy needs its state then), with a
+    state loaded before the first call: it binds the default group at the first hook call."""
+    from datetime import timedelta
+
+    state, hook = gradzip.ddp_hook("acpsgd", rank=2)
+    bound_before = state.bound
+    reducer = {**_fresh_lowrank_state(), "step": 8, "skipped": 1}
+    state.load_state_dict({"method": "acpsgd", "options": state.options, "stats": {}, "reducer": reducer})
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    model = DDP(mixed_net(), bucket_cap_mb=0.004)
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    seen = train_steps(model, opt, rank, range(3))
+    return {
+        "bound_before": bound_before,
+        "bound_after": state.bound,
+        "steps": state.stats.steps,
+        "method_step": state.reducer.step,  # continued from the loaded 8 (a P-step)
+        "skipped": state.skipped_steps,
+        "identical": all(bool((s == s[0]).all()) for s in seen),
+    }
+
+
+def _fresh_lowrank_state() -> dict[str, Any]:
+    return {"residuals": {}, "p": {}, "q": {}, "generator": torch.Generator().manual_seed(0).get_state()}
+
+
+def test_the_hook_may_be_built_before_init_process_group_and_binds_at_its_first_call() -> None:
+    from tests.distributed import free_port
+
+    for r in run_workers(_built_before_init, 2, free_port(), init=False):
+        assert not r["bound_before"] and r["bound_after"]
+        assert r["steps"] == 3 and r["method_step"] == 11 and r["skipped"] == 1
+        assert r["identical"]
+
+
 def test_bad_method_and_options_name_the_valid_ones() -> None:
     # The registry's own messages (tests/test_registry.py), raised before the hook needs a process group.
     with pytest.raises(ValueError, match="valid methods: acpsgd"):

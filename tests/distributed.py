@@ -19,7 +19,18 @@ import torch.multiprocessing as mp
 
 from gradzip.util import free_port
 
-__all__ = ["differences", "free_port", "run_workers"]
+__all__ = ["differences", "free_port", "init_gloo", "run_workers"]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join a gloo group of ``world`` processes on loopback ``port`` (one minute to find each other)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
 
 
 def _entry(
@@ -36,13 +47,7 @@ def _entry(
             )
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         else:
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=world,
-                timeout=timedelta(seconds=60),
-            )
+            init_gloo(rank, world, port)
         result = fn(rank, world, *args)
         # Tensors cross as bytes: torch's shared-memory handover breaks once the worker has exited.
         buf = io.BytesIO()

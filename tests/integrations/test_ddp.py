@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradzip
-from tests.distributed import run_workers
+from tests.distributed import init_gloo, run_workers
 
 METHODS = gradzip.methods("hook")
 
@@ -346,19 +346,11 @@ def test_state_dict_resumes_exactly(method: str) -> None:
 def _built_before_init(rank: int, world: int, port: int) -> dict[str, Any]:
     """The hook built before ``init_process_group`` (Lightning's DDPStrategy needs its state then), with a
     state loaded before the first call: it binds the default group at the first hook call."""
-    from datetime import timedelta
-
     state, hook = gradzip.ddp_hook("acpsgd", rank=2)
     bound_before = state.bound
     reducer = {**_fresh_lowrank_state(), "step": 8, "skipped": 1}
     state.load_state_dict({"method": "acpsgd", "options": state.options, "stats": {}, "reducer": reducer})
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     model = DDP(mixed_net(), bucket_cap_mb=0.004)
     model.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

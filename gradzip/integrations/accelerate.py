@@ -36,7 +36,9 @@ def register(
     """Register gradzip method ``method`` (with its ``options``) on ``model``, the DDP model that
     ``accelerator.prepare`` returned, and every process's method state with ``save_state`` / ``load_state``.
     Returns the hook's state: ``state.stats`` counts this process's traffic; with ``nan_policy="skip"`` call
-    ``optimizer.step()`` only when ``not state.step_skipped``."""
+    ``optimizer.step()`` only when ``not state.step_skipped``, and under fp16 mixed precision call
+    ``gradzip.integrations.ddp.back_off_scaler(accelerator.scaler)`` when it is (the skipped Inf was the
+    scaler's signal to lower its scale)."""
     if not isinstance(model, DDP):
         kind = type(model).__name__
         if getattr(accelerator, "num_processes", 1) <= 1:

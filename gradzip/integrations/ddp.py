@@ -6,6 +6,7 @@ it survives DDP's bucket rebuild after the first iteration and a restart.
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations as real objects.
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -165,6 +166,18 @@ def _hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[tor
         state.hook_s += time.perf_counter() - start
 
 
+def _build(method: str, cfg: Any, comm: Comm) -> Reducer:
+    return get_spec(method).build(cfg, comm)
+
+
+def back_off_scaler(scaler: Any) -> None:
+    """Lower a ``torch.amp.GradScaler``'s scale as its own overflow check would: call it on a step the hook
+    skipped. With fp16 mixed precision an Inf gradient is the scaler's signal to back off; the hook turns it
+    into a skipped step, which must not leave the scale where it overflowed (every later step would too)."""
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+
+
 def ddp_hook(
     method: str,
     *,
@@ -182,8 +195,10 @@ def ddp_hook(
     are named in the order the first step meets them. ``nan_policy`` says what a NaN or Inf in any worker's
     gradient does (:mod:`gradzip.comm.finite`): ``"skip"`` skips the step on every worker, leaving the
     method's state as it was (check ``state.step_skipped`` before ``optimizer.step()``); ``"raise"`` raises
-    ``NonFiniteGradient`` on every worker; ``"off"`` does not look. Unknown methods and options, and bad
-    values, raise ``ValueError`` naming the valid ones.
+    ``NonFiniteGradient`` on every worker; ``"off"`` does not look. Every worker must pass the same policy (it
+    decides who takes part in the step's agreement). With an fp16 ``GradScaler``, call
+    ``back_off_scaler(scaler)`` on a skipped step. Unknown methods and options, and bad values, raise
+    ``ValueError`` naming the valid ones.
     """
     spec = get_spec(method)
     cfg = spec.config_cls.from_options(method, options)
@@ -191,10 +206,10 @@ def ddp_hook(
     if family(method, cfg.to_dict()) != "hook":
         spec.build(cfg, None)  # type: ignore[arg-type]  # raises, saying what trains this method instead
 
-    def build(comm: Comm) -> Reducer:
-        return spec.build(cfg, comm)
-
-    state = HookState(method, cfg.to_dict(), build, process_group, model, nan_policy)
+    # A partial of a module-level function, not a closure: the state pickles (Lightning's ddp_spawn does).
+    state = HookState(
+        method, cfg.to_dict(), functools.partial(_build, method, cfg), process_group, model, nan_policy
+    )
     if dist.is_initialized():
         state.reducer  # noqa: B018  (bound now: a bad pairing or group fails here, not in backward)
     return state, _hook

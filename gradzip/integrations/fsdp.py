@@ -14,6 +14,11 @@ Element-wise compressors only (``identity``, ``fp16``, ``signsgd``, ``topk``, ``
 all-to-all needs payloads of a known size. Error feedback (``error_feedback=``) keeps, per worker, what
 compression dropped from its whole unsharded gradient: one more gradient's memory per worker
 (``state.residual_bytes``); on by default for the biased compressors, off for the unbiased and lossless ones.
+
+Non-finite gradients: there is no step-wide skip here (FSDP2 reduce-scatters module by module, and its
+``ShardedGradScaler`` or the user's own check decides about the step). A worker whose input holds a NaN or an
+Inf leaves its residual as it was and sends that input compressed as it is, so the owners' gradients carry
+the NaN exactly as FSDP2's own reduce-scatter would, and the residual is never poisoned.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradzip.comm.collectives import Comm, CommStats
+from gradzip.comm.finite import nonfinite
 from gradzip.compress.base import check_pairing
 from gradzip.compress.feedback import ErrorFeedback
 from gradzip.config import make_compressor
@@ -107,7 +113,8 @@ class FSDPCompression:
         self, key: str, output: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup, op: Any
     ) -> None:
         """``output`` = the reduction (mean for ``AVG``, sum for ``SUM``) of every worker's row ``rank``."""
-        if op not in (dist.ReduceOp.AVG, dist.ReduceOp.SUM):
+        summed = op == dist.ReduceOp.SUM  # == rather than `in`: FSDP may pass a ReduceOp or its bare enum
+        if not summed and op != dist.ReduceOp.AVG:
             raise ValueError(
                 f"gradzip's FSDP2 reduce-scatter averages or sums; FSDP2 asked for {op} (a custom gradient divide "
                 "factor is not supported)"
@@ -119,10 +126,12 @@ class FSDPCompression:
         if x.dtype != torch.float32:  # mixed precision's reduce dtype: compress in float32
             x = x.float()
         numels = (x.numel(),)
-        if self.ef is not None:
-            v = self.ef.compensate(
-                key, x
-            )  # v = g + e over the whole unsharded gradient; each part -> its residual
+        # A NaN or an Inf must never enter a residual, where it would come back at every later step: such an
+        # input travels as FSDP2's own reduce-scatter would carry it (so its GradScaler, or the user's check,
+        # sees it), and the residual stays as it was.
+        if self.ef is not None and not bool(nonfinite(x)):
+            # v = g + e over the whole unsharded gradient; compressing each part leaves its residual in it.
+            v = self.ef.compensate(key, x)
             parts = [codec.compress([codec.part_of(v, j)], [key], j, "", step, True) for j in range(world)]
         else:
             parts = [codec.compress([codec.part_of(x, j)], [key], j, "", step, False) for j in range(world)]
@@ -131,7 +140,7 @@ class FSDPCompression:
             codec.pack(payloads, numels, j, send[j])
         received = comm.all_to_all(send).wait()
         mean = codec.aggregate(received, numels, [key], me, "", step)[0]
-        output.copy_(mean.mul_(world) if op == dist.ReduceOp.SUM else mean)
+        output.copy_(mean.mul_(world) if summed else mean)
         self.stats.bytes_uncompressed += flat.nbytes * (world - 1) // world
         self.steps[key] = step + 1
         self.stats.steps = max(self.steps.values())

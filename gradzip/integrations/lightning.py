@@ -12,7 +12,10 @@ without a shared file system each rank finds its file on its own machine, so ran
 
 With ``nan_policy="skip"`` (the default) a step in which some rank's gradient holds a NaN or an Inf runs no
 optimizer step on any rank (the training step's closure runs first, then the update only if the hook let
-the step go ahead), so the model and the method's state stay exactly as they were.
+the step go ahead), so the model and the method's state stay exactly as they were; under fp16 mixed
+precision the GradScaler backs off as it would have. Lightning still counts the step (``global_step``, LR
+schedulers). Only this callback skips: ``DDPStrategy(ddp_comm_hook=...)`` on CUDA runs the optimizer on the
+zeroed gradients of a skipped step.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from gradzip.comm.collectives import CommStats
-from gradzip.integrations.ddp import ddp_hook
+from gradzip.integrations.ddp import back_off_scaler, ddp_hook
 from gradzip.util import atomic_file
 
 try:
@@ -109,8 +112,11 @@ class CommHook(pl.Callback):
             inner = getattr(optimizer, "optimizer", optimizer)
             if self.state.nan_policy != "skip" or isinstance(inner, torch.optim.LBFGS):
                 return step(optimizer, closure, model, **kwargs)  # LBFGS evaluates its closure many times
+            skipped = self.state.skipped_steps
             result = closure()  # the training step and its backward: the hook decides the step here
-            if self.state.step_skipped:
+            if self.state.skipped_steps > skipped:  # (a training step that returned None ran no hook)
+                # fp16 AMP: the Inf was the scaler's signal to lower its scale; the skip must not swallow it.
+                back_off_scaler(getattr(strategy.precision_plugin, "scaler", None))
                 return result
             return step(optimizer, lambda: result, model, **kwargs)
 

@@ -225,8 +225,11 @@ class Reducer:
     def abort_step(self) -> None:
         """Drop the buckets of a step that failed part-way (the error propagates to the caller): left behind,
         they would be completed (and second rounds issued) on this worker alone at the next step, out of order
-        with the others."""
+        with the others. What the step staged is dropped with them."""
         self._pending = []
+        if self.nan_policy == "skip":
+            for s in self.staged_state():
+                s.rollback()
 
     def uncompressed(self, bucket: Bucket) -> Future[torch.Tensor]:
         """This bucket's whole step as a plain all-reduce (ssgd, and the low-rank methods' warm-up);

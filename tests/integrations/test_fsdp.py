@@ -134,6 +134,28 @@ def test_the_state_resumes_exactly() -> None:
         assert not differences(a[1], b[1]), (rank, differences(a[1], b[1])[:5])
 
 
+def _nan(rank: int, world: int) -> dict[str, Any]:
+    """A NaN in worker 1's inputs: its residual stays as it was (never poisoned) and the NaN reaches the
+    owners' gradients as FSDP2's own reduce-scatter would carry it."""
+    data = load_dataset("digits")
+    model, opt, state, _ = _train(rank, world, "topk", range(3))
+    assert state is not None and state.ef is not None
+    before = state.ef.state_dict()
+    x = data.x_train[:8] * (float("nan") if rank == 1 else 1.0)
+    nn.functional.cross_entropy(model(x), data.y_train[:8]).backward()
+    grads = torch.cat([p.grad.to_local().reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+    return {
+        "residual_kept": not differences(before, state.ef.state_dict()),
+        "grads_finite": bool(grads.isfinite().all()),
+    }
+
+
+def test_a_nan_never_enters_a_residual_and_travels_as_fsdp2_would_carry_it() -> None:
+    clean, poisoned = run_workers(_nan, 2)
+    assert poisoned["residual_kept"] and not poisoned["grads_finite"]
+    assert not clean["residual_kept"]  # control: a finite input does update the residual
+
+
 def _refusals(rank: int, world: int) -> list[str]:
     messages = []
     for module, compressor in ((nn.Linear(2, 2), "topk"), (_sharded(), "powersgd"), (_sharded(), "nope")):

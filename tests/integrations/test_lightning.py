@@ -5,6 +5,7 @@ parameters and method state of an uninterrupted run; strategies it cannot serve 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -146,5 +147,19 @@ def test_strategies_without_a_ddp_hook_are_refused() -> None:
         CommHook("acpsgd").setup(trainer, Classifier(), "fit")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         CommHook("nope")
+    # Lightning's ddp_spawn pickles the callbacks.
+    assert pickle.loads(pickle.dumps(CommHook("topk", density=0.1))).state.options["density"] == 0.1
     with pytest.raises(ValueError, match="decentralized"):
         CommHook("powergossip")
+
+
+def test_a_skipped_step_lowers_the_fp16_grad_scaler_as_its_own_overflow_would() -> None:
+    """Under fp16 mixed precision an Inf gradient is the GradScaler's signal to back off; a step the hook
+    skipped must not swallow it (the callback calls this on every skipped step)."""
+    from gradzip.integrations.ddp import back_off_scaler
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.tensor(1.0))  # a step's scaled loss, as AMP's backward makes it
+    back_off_scaler(scaler)
+    assert scaler.get_scale() == 512.0
+    back_off_scaler(None)  # no scaler (fp32 or bf16): nothing to do

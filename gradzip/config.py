@@ -304,7 +304,7 @@ class GossipConfig(MethodConfig):
     topology: str = opt("ring", _TOPOLOGY_HELP)
     metrics: bool = opt(
         True,
-        "all-reduce the consensus distance after every step (metrics only; false: neighbour messages only)",
+        "all-reduce the consensus distance after every step (metrics only; false: the gossip sends neighbour messages only)",
     )
 
     def __post_init__(self) -> None:

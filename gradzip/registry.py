@@ -71,7 +71,7 @@ def _not_a_hook(cfg: MethodConfig, comm: Comm) -> Reducer:
     # The config class names the gossip class: DPSGDConfig -> gradzip.gossip.DPSGD, and so on.
     cls = type(cfg).__name__.removesuffix("Config")
     raise ValueError(
-        "this method is decentralized (gossip with neighbours, no all-reduce), not a DDP hook: use "
+        "this method is decentralized (gossip with neighbours, no gradient all-reduce), not a DDP hook: use "
         f"gradzip.gossip.{cls}(model, topology=...) and call .step() after optimizer.step(), or gradzip train"
     )
 
@@ -105,7 +105,7 @@ class MethodSpec:
     """The reducer of one DDP bucket (hook methods); the others raise, saying what to use instead."""
     kind: str = "hook"
     """How it trains: "hook" (a DDP communication hook), "server" (parameter servers, DoubleSqueeze) or
-    "gossip" (decentralized, no all-reduce)."""
+    "gossip" (decentralized, no gradient all-reduce)."""
     gossip: Callable[..., Gossip] | None = None
     """``gossip(model, cfg, process_group=..., timeout=...)``: the gossip object (gossip methods)."""
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from gradzip.comm.finite import flag_vector, flagged
+from gradzip.comm.finite import flag_vector
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); torch < 2.13 (the
 # CUDA builds GPU users install) has only the old one.
@@ -73,10 +73,11 @@ class Comm:
         self._record("all_gather", t, t.nbytes * (self.world - 1))
         return self._all_gather(t)
 
-    def flagged_ranks(self, bad: torch.Tensor | bool, device: torch.device) -> list[int]:
-        """The workers that saw a non-finite gradient this step (:mod:`gradzip.comm.finite`): one all-reduce of
-        ``world`` floats that every worker makes once per step. Control traffic: not counted in ``stats``."""
-        return flagged(self._all_reduce(flag_vector(bad, self.rank, self.world, device)).wait())
+    def vote_nonfinite(self, bad: torch.Tensor | bool, device: torch.device) -> Future[torch.Tensor]:
+        """The step's agreement on non-finite gradients (:mod:`gradzip.comm.finite`): one all-reduce of
+        ``world`` floats that every worker makes once per step (``flagged`` reads it). Control traffic: not
+        counted in ``stats``."""
+        return self._all_reduce(flag_vector(bad, self.rank, self.world, device))
 
     def isend(self, t: torch.Tensor, dst: int) -> dist.Work:
         """Send ``t`` to global rank ``dst`` (point-to-point, parameter servers)."""

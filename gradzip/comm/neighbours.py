@@ -1,4 +1,4 @@
-"""Neighbour exchange: the only communication of decentralized training.
+"""Neighbour exchange: the communication of decentralized training (besides the NaN check's tiny all-reduce).
 
 Each worker sends a list of tensors to each of its neighbours and receives the same-shaped list from each,
 with point-to-point messages (``batch_isend_irecv``): no all-reduce, no all-gather. A list travels fused into

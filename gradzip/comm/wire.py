@@ -1,8 +1,9 @@
 """Point-to-point messages of the parameter-server placements: a fixed header, then the payload bytes.
 
 Every message is ``HEADER_BYTES`` of header (four int64: the sender's step, flags, and two more that a
-``NONFINITE`` reply fills in) followed by the payload row, so a receiver can post a receive of the right size before it knows what arrives. A wait
-that fails or times out is raised as an error that names the peer: a dead server or worker is never a hang.
+``NONFINITE`` reply fills in) followed by the payload row, so a receiver can post a receive of the right size
+before it knows what arrives. A wait that fails or times out is raised as an error that names the peer: a
+dead server or worker is never a hang.
 """
 
 from __future__ import annotations

@@ -105,6 +105,30 @@ class Staged:
         self._pending.clear()
 
 
+class StepChanges:
+    """What a step changes before the workers agree it goes ahead: ``staged`` buffers, and the ``generators``
+    it draws from. ``begin()`` at the step's start (remembering where the generators are, when the step may be
+    undone), then ``keep()`` or ``undo()``, which leaves every one of them as it was before the step."""
+
+    def __init__(self, staged: list[Staged], generators: list[torch.Generator]) -> None:
+        self.staged, self.generators = staged, generators
+        self._rewind: list[tuple[torch.Generator, torch.Tensor]] = []
+
+    def begin(self, undoable: bool = True) -> StepChanges:
+        self._rewind = [(g, g.get_state()) for g in self.generators] if undoable else []
+        return self
+
+    def keep(self) -> None:
+        for s in self.staged:
+            s.commit()
+
+    def undo(self) -> None:
+        for s in self.staged:
+            s.rollback()
+        for g, state in self._rewind:
+            g.set_state(state)
+
+
 class ErrorFeedback(Staged):
     """The residuals ``e`` by key (see the module's docstring); ``staged`` holds a step's new residuals back
     until ``commit()``."""

@@ -1,4 +1,4 @@
-"""Decentralized training: no all-reduce, each worker mixes its model with its neighbours' only.
+"""Decentralized training: no gradient all-reduce, each worker mixes its model with its neighbours' only.
 
 g = gradzip.gossip.PowerGossip(model, topology="ring", rank=1)   # or DPSGD(...), Choco(...)
 for x, y in data:

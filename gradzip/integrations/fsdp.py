@@ -32,7 +32,7 @@ from torch import nn
 from gradzip.comm.collectives import Comm, CommStats
 from gradzip.comm.finite import nonfinite
 from gradzip.compress.base import check_pairing
-from gradzip.compress.feedback import ErrorFeedback
+from gradzip.compress.feedback import ErrorFeedback, Velocity
 from gradzip.config import make_compressor
 from gradzip.reducers.parts import PartCodec
 
@@ -48,6 +48,7 @@ __all__ = ["COMPRESSORS", "FSDPCompression", "compress"]
 
 COMPRESSORS = ("identity", "fp16", "signsgd", "topk", "randomk", "qsgd")
 LOSSLESS = ("identity", "fp16")
+_NO_MOMENTUM = Velocity(0.0)  # the reduce-scatter carries gradients; momentum stays the optimizer's
 
 
 class _Compressed(ReduceScatter):
@@ -130,9 +131,8 @@ class FSDPCompression:
         # input travels as FSDP2's own reduce-scatter would carry it (so its GradScaler, or the user's check,
         # sees it), and the residual stays as it was.
         if self.ef is not None and not bool(nonfinite(x)):
-            # v = g + e over the whole unsharded gradient; compressing each part leaves its residual in it.
-            v = self.ef.compensate(key, x)
-            parts = [codec.compress([codec.part_of(v, j)], [key], j, "", step, True) for j in range(world)]
+            # DoubleSqueeze's worker half: g + e over the whole unsharded gradient, each part's residual kept.
+            parts = codec.compress_worker(self.ef, _NO_MOMENTUM, [x], [key], "", step)
         else:
             parts = [codec.compress([codec.part_of(x, j)], [key], j, "", step, False) for j in range(world)]
         send = torch.zeros((world, codec.width(numels)), dtype=torch.uint8, device=x.device)

@@ -38,8 +38,8 @@ import torch
 from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
-from gradzip.comm.finite import NonFiniteGradient, check_nan_policy, first_nonfinite, nonfinite
-from gradzip.compress.feedback import Staged
+from gradzip.comm.finite import NonFiniteGradient, check_nan_policy, first_nonfinite, flagged, nonfinite
+from gradzip.compress.feedback import Staged, StepChanges
 from gradzip.compress.fusion import views_of
 
 
@@ -104,7 +104,7 @@ class Reducer:
         optimizer step must be skipped too."""
         self._bad: torch.Tensor | bool = False  # this step: did this worker see a non-finite gradient?
         self._where: str | None = None
-        self._rewind: list[tuple[torch.Generator, torch.Tensor]] = []
+        self._changes = StepChanges([], [])
 
     def use_nan_policy(self, policy: str) -> Reducer:
         """``skip``, ``raise`` or ``off`` (:mod:`gradzip.comm.finite`); between steps only."""
@@ -125,8 +125,8 @@ class Reducer:
         """Reduce one bucket (the hook's entry): screen it for NaN and Inf, then start the method on it."""
         if not self._pending:  # the step's first bucket
             self._bad, self._where, self.step_skipped = False, None, False
-            if self.nan_policy == "skip":
-                self._rewind = [(g, g.get_state()) for g in self.generators()]
+            changes = StepChanges(self.staged_state(), self.generators())
+            self._changes = changes.begin(undoable=self.nan_policy == "skip")
         if self.nan_policy != "off":
             self._screen(bucket)
         return self.start(bucket)
@@ -174,15 +174,14 @@ class Reducer:
         out = new_future(bucket.buffer)
         self._pending.append(_Pending(bucket, first, finish, second, out))
         if bucket.is_last:
-            poisoned = (
-                self.comm.flagged_ranks(self._bad, bucket.buffer.device) if self.nan_policy != "off" else []
-            )
+            poisoned = []
+            if self.nan_policy != "off":
+                poisoned = flagged(self.wait(self.comm.vote_nonfinite(self._bad, bucket.buffer.device)))
             if poisoned:
                 self._drop_step(poisoned)
             else:
                 self._complete_step()
-                for s in self.staged_state():
-                    s.commit()
+                self._changes.keep()
                 self.step += 1
                 self.comm.stats.steps += 1
         return out
@@ -195,10 +194,7 @@ class Reducer:
         if self.nan_policy == "raise":
             where = self._where if self.comm.rank in poisoned else None
             raise NonFiniteGradient(poisoned, self.step + self.skipped_steps, where)
-        for s in self.staged_state():
-            s.rollback()
-        for g, state in self._rewind:
-            g.set_state(state)
+        self._changes.undo()
         self.skipped_steps += 1
         self.step_skipped = True
         for p in pending:
@@ -228,8 +224,7 @@ class Reducer:
         with the others. What the step staged is dropped with them."""
         self._pending = []
         if self.nan_policy == "skip":
-            for s in self.staged_state():
-                s.rollback()
+            self._changes.undo()
 
     def uncompressed(self, bucket: Bucket) -> Future[torch.Tensor]:
         """This bucket's whole step as a plain all-reduce (ssgd, and the low-rank methods' warm-up);

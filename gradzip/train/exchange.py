@@ -253,8 +253,9 @@ def averaged_model(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
 
 
 class GossipExchange(Exchange):
-    """Decentralized: no DDP and no all-reduce in the step; the worker's own SGD step ("adapt"), then the
-    gossip with its neighbours ("combine")."""
+    """Decentralized: no DDP and no gradient all-reduce (only the NaN check's ``world`` floats, unless
+    ``nan_policy="off"``); the worker's own SGD step ("adapt"), then the gossip with its neighbours
+    ("combine")."""
 
     def __init__(self, model: nn.Module, run: Settings) -> None:
         cfg = make_config(run.method, **run.options)

@@ -178,6 +178,14 @@ class _AsyncServer(_Server):
         for k, v in sd["stats"].items():
             setattr(self.comm.stats, k, int(v))
 
+    def _answer(self, worker: int, dropped: set[int]) -> None:
+        """Reply to ``worker``'s last push with the compressed change of its model (flagged when that push
+        was dropped for a NaN or an Inf)."""
+        clock = self.clocks[worker] - 1
+        flag = [worker] if worker in dropped else None
+        self._wait(worker, self._reply(worker, clock, self.model.reply(worker, clock), flag))
+        dropped.discard(worker)
+
     def run(self) -> dict[str, Any]:
         """Serve pushes in arrival order, each worker at most ``max_staleness`` steps ahead of the slowest.
 
@@ -227,9 +235,7 @@ class _AsyncServer(_Server):
                 continue
             if at_barrier and at_barrier >= active:  # every worker pushed the checkpoint's step
                 for j in sorted(at_barrier):
-                    reply = self.model.reply(j, clocks[j] - 1)
-                    self._wait(j, self._reply(j, clocks[j] - 1, reply, [j] if j in dropped else None))
-                    dropped.discard(j)
+                    self._answer(j, dropped)
                 at_barrier.clear()
                 dist.send_object_list([self.state_dict()], dst=0)  # worker 0 writes it into its checkpoint
             for j in sorted(waiting):
@@ -237,9 +243,7 @@ class _AsyncServer(_Server):
                 # Stale synchronous parallel: reply (and so let the worker go on) unless it is too far ahead.
                 if clocks[j] - slowest <= self.max_staleness:
                     self.max_lead = max(self.max_lead, clocks[j] - slowest)
-                    reply = self.model.reply(j, clocks[j] - 1)
-                    self._wait(j, self._reply(j, clocks[j] - 1, reply, [j] if j in dropped else None))
-                    dropped.discard(j)
+                    self._answer(j, dropped)
                     waiting.discard(j)
         if poisoned:
             self._stop_on(poisoned, clocks[poisoned[0]] - 1)

@@ -12,7 +12,7 @@ from torch import nn
 from gradzip.comm import wire
 from gradzip.comm.collectives import Comm, CommStats
 from gradzip.comm.finite import NonFiniteGradient, any_nonfinite, check_nan_policy, first_nonfinite
-from gradzip.compress.feedback import ErrorFeedback, Velocity
+from gradzip.compress.feedback import ErrorFeedback, StepChanges, Velocity
 from gradzip.config import DoubleSqueezeConfig
 from gradzip.integrations.paramserver.placement import ASYNC, SYNC, Setup, server_ranks
 from gradzip.reducers.doublesqueeze import make_codec
@@ -151,8 +151,8 @@ class PSWorker:
         flags = wire.CHECKPOINT if self._collect else 0
         bad = self.nan_policy != "off" and bool(any_nonfinite(grads))
         where = first_nonfinite(grads, self.names) if bad else None
-        generator = self.codec.compressor.generator
-        rewind = generator.get_state()
+        changes = StepChanges([self.ef, self.velocity], [self.codec.compressor.generator])
+        changes.begin(undoable=self.nan_policy == "skip")
         if not bad:
             pushes = self.codec.compress_worker(
                 self.ef, self.velocity, [g.detach() for g in grads], self.names, push_tag, self.step_count
@@ -178,12 +178,9 @@ class PSWorker:
                 # The step as the loop counts it: the asynchronous step count already holds the skipped ones.
                 step = self.step_count + (0 if self.asynchronous else self.skipped_steps)
                 raise NonFiniteGradient([first], step, where if first == self.rank else None, count - 1)
-            self.ef.rollback()
-            self.velocity.rollback()
-            generator.set_state(rewind)
+            changes.undo()
         else:
-            self.ef.commit()
-            self.velocity.commit()
+            changes.keep()
             self.comm.stats.steps += 1
         if not skipped or self.asynchronous:  # an asynchronous reply carries the others' updates all the same
             self._apply(replies, grads, reply_tag)

@@ -161,6 +161,8 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         except (ValueError, RuntimeError) as err:
             raise usage_error(str(err)) from None
         table = kernels.format_table(timed)
+        targets = kernels.format_targets(timed)
+        table += f"\n\nTargets:\n{targets}\n" if targets else "\n"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernels.md").write_text(table)
         print(table)

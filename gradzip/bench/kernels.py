@@ -41,8 +41,10 @@ from gradzip.train.models import MODELS, build_model
 __all__ = [
     "METHODS",
     "REFERENCE",
+    "TARGETS",
     "KernelResult",
     "format_table",
+    "format_targets",
     "run_kernels",
     "shape_sets",
 ]
@@ -362,4 +364,29 @@ def format_table(results: Sequence[KernelResult]) -> str:
             f"| {r.method} | {r.shapes} | {r.numel:,} | {1e3 * r.seconds:.2f} | {r.gbytes_per_s:.2f} "
             f"| {r.copy_gbytes_per_s:.2f} | {r.fraction_of_copy:.3f} | {r.note} |"
         )
+    return "\n".join(lines)
+
+
+# The element-wise compressors' targets (issue 13): a fraction of copy speed, on ResNet-50's shapes, one thread.
+TARGETS = {"sign": 0.25, "qsgd": 0.25, "topk": 0.10}
+TOPK_SPEEDUP = 3.0
+"""Top-k's whole step (selection, error feedback, decode) against ``torch.topk``'s selection alone."""
+
+
+def format_targets(results: Sequence[KernelResult]) -> str:
+    """One line per target and shape set: the measured value, the target, and whether it holds."""
+    lines = []
+    for shapes in dict.fromkeys(r.shapes for r in results):
+        rows = {r.method: r for r in results if r.shapes == shapes}
+        for method, target in TARGETS.items():
+            if method in rows:
+                got = rows[method].fraction_of_copy
+                mark = "holds" if got >= target else "MISSED"
+                lines.append(f"- {shapes} {method}: {got:.3f} of copy speed (target >= {target:.2f}): {mark}")
+        if "topk" in rows and REFERENCE in rows:
+            ratio = rows[REFERENCE].seconds / rows["topk"].seconds
+            mark = "holds" if ratio >= TOPK_SPEEDUP else "MISSED"
+            lines.append(
+                f"- {shapes} topk: {ratio:.2f}x faster than {REFERENCE} alone (target >= {TOPK_SPEEDUP:g}x): {mark}"
+            )
     return "\n".join(lines)

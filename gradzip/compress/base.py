@@ -111,10 +111,31 @@ class Compressor:
         redraw it here. Self-describing payloads need none."""
         return None
 
-    def aggregate(self, gathered: list[torch.Tensor], numel: int, ctx: Any = None) -> torch.Tensor:
-        """Mean over workers of the decoded payloads; ``gathered`` tensors are ``[world, ...]``; ``ctx`` is
-        the ``shared_context`` of payloads that need one."""
-        return self.decode(gathered, ctx, numel).mean(0)
+    def aggregate(
+        self, gathered: list[torch.Tensor], numel: int, ctx: Any = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean over workers of the decoded payloads, written to ``out`` (flat, ``numel``) when given;
+        ``gathered`` tensors are ``[world, ...]``; ``ctx`` is the ``shared_context`` of payloads that need
+        one.
+
+        Streams over the workers, adding one worker's decoded payload at a time in rank order, so the extra
+        memory is one decoded tensor whatever the worker count (decoding all of them at once would make a
+        ``[world, numel]`` float temporary: 4 GB for BERT-large's embedding at 32 workers)."""
+        world = gathered[0].shape[0]
+        if out is None:
+            out = torch.zeros(numel, dtype=torch.float32, device=gathered[0].device)
+        else:
+            out.zero_()
+        for w in range(world):
+            out.add_(self.decode([g[w] for g in gathered], ctx, numel))
+        return out.mul_(1.0 / world)  # as the C kernels do: one multiply, not a division, per element
+
+    def encode_sum(
+        self, e: torch.Tensor, g: torch.Tensor, out: torch.Tensor
+    ) -> tuple[list[torch.Tensor], Any]:
+        """``out = e + g`` (error feedback's compensation; ``out`` may be ``e``), then ``encode(out)``.
+        Compressors with a C kernel do both in one sweep over memory."""
+        return self.encode(compensate_into(e, g, out))
 
     def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
         """Turn ``p`` into ``p - decode(encode(p))`` in place (the new error-feedback residual)."""
@@ -134,6 +155,11 @@ class Compressor:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.generator.set_state(sd["generator"])
+
+
+def compensate_into(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = e + g`` (``out`` may be ``e``): the torch path of a fused compensation."""
+    return torch.add(e, g, out=out) if out is not e else e.add_(g)
 
 
 def check_pairing(

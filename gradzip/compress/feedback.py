@@ -24,15 +24,19 @@ def encode_with_feedback(
     *,
     residual: bool,
     sent: torch.Tensor | None = None,
+    compensate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], Any]:
     """Encode flat ``x`` from the random stream of (``stream``, ``step``): the sequence every pattern runs.
+
+    With ``compensate = (e, g)`` (from ``ErrorFeedback.compensation_buffers``), ``x`` is first set to error
+    feedback's ``p = e + g``, in the same sweep as the encoding where the compressor has a kernel for it.
 
     With ``residual``, ``x``'s buffer becomes the new error-feedback residual ``x - decode(encode(x))`` in
     place (payloads hold copies, so this is safe). ``sent`` is the velocity of DGC's momentum correction: a
     sparsifier zeroes in it the entries this payload carries (momentum factor masking); a compressor that sends
     every entry leaves it alone."""
     compressor.select_stream(stream, step)
-    payload, ctx = compressor.encode(x)
+    payload, ctx = compressor.encode(x) if compensate is None else compressor.encode_sum(*compensate, x)
     if residual:
         compressor.residual_(x, payload, ctx)
     if sent is not None and compressor.sparsifies:

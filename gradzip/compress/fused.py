@@ -30,9 +30,12 @@ import torch
 __all__ = ["available", "compensate_project_left", "compensate_project_right", "residual_expand"]
 
 SOURCE = Path(__file__).with_name("_fused.c")
+# The element-wise compressors' passes (elementwise_kernels.py) live in the same library: one build, one load.
+SOURCES = (SOURCE, Path(__file__).with_name("_elementwise.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_F32, _F64, _U32 = ctypes.c_float, ctypes.c_double, ctypes.c_uint32
 
 
 def _machine_tag() -> str:
@@ -54,7 +57,10 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, timeout=120
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         os.replace(built, target)
 
@@ -63,7 +69,8 @@ def _compile(target: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("GRADZIP_FUSED", "1") == "0":
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _machine_tag().encode())
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode())
+    key.update(_machine_tag().encode())
     cache_dir = Path(os.environ.get("GRADZIP_CACHE", Path.home() / ".cache" / "gradzip"))
     target = cache_dir / f"fused-{key.hexdigest()[:16]}.so"
     try:
@@ -80,6 +87,15 @@ def _library() -> ctypes.CDLL | None:
             [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _INT, _I64, _I64, _I64, _INT],
             None,
         ),
+        # _elementwise.c
+        "gz_sign_pack": ([_PTR, _PTR, _PTR, _PTR, _I64, _INT], _F64),
+        "gz_sign_residual": ([_PTR, _I64, _F32, _INT], None),
+        "gz_sign_accumulate": ([_PTR, _PTR, _I64, _PTR, _I64, _I64, _F32, _I64, _INT, _F32, _INT], None),
+        "gz_square_sum": ([_PTR, _I64, _INT], _F64),
+        "gz_qsgd_quantize": ([_PTR, _PTR, _I64, _F32, _F32, _U32, _U32, _INT], None),
+        "gz_qsgd_accumulate": ([_PTR, _PTR, _I64, _PTR, _I64, _I64, _F32, _I64, _F32, _INT], None),
+        "gz_select_abs_ge": ([_PTR, _PTR, _PTR, _I64, _F32, _PTR, _PTR, _I64], _I64),
+        "gz_keep_top": ([_PTR, _PTR, _I64, _I64, _PTR], _I64),
     }
     for name, (args, result) in signatures.items():
         getattr(lib, name).argtypes = args

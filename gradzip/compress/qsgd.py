@@ -4,15 +4,38 @@
     Q(v)_j = |v|_2 * sign(v_j) * level / s
 
 Sign and level travel together as one int8 (``levels <= 127``), plus one float for the norm.
+
+The uniforms ``u`` are counter-based: element ``j``'s is a hash of ``j`` under a 64-bit key drawn once per
+tensor from the compressor's generator. The C kernel computes it in the same sweep as the rounding (drawing
+a float per element from torch's Mersenne twister cost more than the rest of the step), and
+``counter_uniforms`` computes the same numbers with torch, so both paths send the same bits.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from gradzip.compress import elementwise_kernels as kernels
 from gradzip.compress.base import Capabilities, Compressor
+
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # below 2^31: a 32-bit value times it fits an int64, so torch computes the C hash exactly
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    return (x >> 16) ^ x
+
+
+def counter_uniforms(n: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Element ``j``'s uniform in [0, 1) (24 random bits) under ``key``: ``_elementwise.c``'s ``ew_uniform``."""
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    x = _mix((_mix((i & _M32) ^ key[0]) + ((i >> 32) ^ key[1])) & _M32)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 class QSGD(Compressor):
@@ -27,13 +50,33 @@ class QSGD(Compressor):
         return [(torch.float32, 1), (torch.int8, numel)]
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        norm = x.norm().reshape(1)
-        a = x.abs() / norm.clamp_min(torch.finfo(x.dtype).tiny) * self.levels
+        # The key comes from the CPU generator whatever the device: two numbers, no device round trip.
+        k1, k2 = torch.randint(1 << 32, (2,), generator=self.generator).tolist()
+        squares = kernels.square_sum(x)  # accumulated in float64, as the torch path below
+        if squares is not None:
+            norm = torch.tensor([math.sqrt(squares)], dtype=torch.float32)
+            q = kernels.qsgd_quantize(
+                x, max(float(norm[0]), torch.finfo(torch.float32).tiny), self.levels, (k1, k2)
+            )
+            assert q is not None  # the same conditions as square_sum's
+            return [norm, q], None
+        norm = torch.linalg.vector_norm(x, dtype=torch.float64).to(torch.float32).reshape(1)
+        a = x.abs() / norm.clamp_min(torch.finfo(torch.float32).tiny) * self.levels
         floor = a.floor()
-        u = torch.rand(x.shape, generator=self.rng(x.device), device=x.device, dtype=x.dtype)
-        level = floor + (u < a - floor).to(x.dtype)
+        u = counter_uniforms(x.numel(), (k1, k2), x.device)
+        level = floor + (u < a - floor).to(torch.float32)
         return [norm, (torch.sign(x) * level).to(torch.int8)], None
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         norm, q = payload
         return q.to(torch.float32) * (norm / self.levels)
+
+    def aggregate(
+        self, gathered: list[torch.Tensor], numel: int, ctx: Any = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        norms, q = gathered
+        if out is None:
+            out = torch.empty(numel, dtype=torch.float32, device=q.device)
+        if kernels.qsgd_accumulate(out, norms, q, self.levels):
+            return out
+        return super().aggregate(gathered, numel, ctx, out)

@@ -11,17 +11,19 @@ from typing import Any
 
 import torch
 
-from gradzip.compress.base import Capabilities, Compressor
+from gradzip.compress import elementwise_kernels as kernels
+from gradzip.compress.base import Capabilities, Compressor, compensate_into
 
 
 @functools.cache
 def _bits(device: torch.device) -> torch.Tensor:
-    """Bit weights, most significant first; one copy per device rather than one upload per call."""
-    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    """Bit weights, least significant first (the order of a SIMD sign mask, which the C kernel stores as is);
+    one copy per device rather than one upload per call."""
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 def pack_bits(positive: torch.Tensor) -> torch.Tensor:
-    """Booleans -> uint8, eight per byte (most significant first); pads the tail with zeros."""
+    """Booleans -> uint8, eight per byte (least significant first); pads the tail with zeros."""
     n = positive.numel()
     padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=positive.device)
     padded[:n] = positive.reshape(-1)
@@ -46,9 +48,30 @@ class ScaledSign(Compressor):
         return [(torch.float32, 1), (torch.uint8, -(-numel // 8))]
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        # The mean magnitude; an empty tensor's (a part of a tensor smaller than the number of parts) is 0,
-        # not the NaN of an empty mean.
-        scale = (x.abs().mean() if x.numel() else x.new_zeros(())).reshape(1)
+        return self._pack(x, None)
+
+    def encode_sum(
+        self, e: torch.Tensor, g: torch.Tensor, out: torch.Tensor
+    ) -> tuple[list[torch.Tensor], Any]:
+        return self._pack(out, (e, g))
+
+    def _pack(
+        self, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[list[torch.Tensor], Any]:
+        # One sweep in C on the CPU (the compensation x = e + g, the bits and the float64 sum of magnitudes
+        # together), else torch.
+        n = x.numel()
+        fast = kernels.sign_pack(x, add)
+        if fast is not None:
+            total, bits = fast
+            # Rounded once from float64, as the torch path does; an empty tensor's (a part of a tensor smaller
+            # than the number of parts) mean magnitude is 0, not the NaN of an empty mean.
+            scale = torch.tensor([total / n if n else 0.0], dtype=torch.float32)
+            return [scale, bits], None
+        if add is not None:
+            compensate_into(*add, x)
+        total_t = x.abs().sum(dtype=torch.float64)
+        scale = (total_t / n if n else total_t).to(torch.float32).reshape(1)
         return [scale, pack_bits(x >= 0)], None
 
     def _signs(self, bits: torch.Tensor, numel: int) -> torch.Tensor:
@@ -58,9 +81,26 @@ class ScaledSign(Compressor):
         scale, bits = payload
         return self._signs(bits, numel) * scale
 
-    def aggregate(self, gathered: list[torch.Tensor], numel: int, ctx: Any = None) -> torch.Tensor:
+    def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        scale = payload[0]
+        if scale.device.type == "cpu" and kernels.sign_residual(p, float(scale[0])):
+            return p
+        return super().residual_(p, payload, ctx)
+
+    def aggregate(
+        self, gathered: list[torch.Tensor], numel: int, ctx: Any = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         scales, bits = gathered
-        if not self.majority_vote:
-            return self.decode(gathered, None, numel).mean(0)
-        votes = self._signs(bits, numel).sum(0)
-        return torch.sign(votes) * scales.mean()
+        if out is None:
+            out = torch.empty(numel, dtype=torch.float32, device=bits.device)
+        # Majority vote scales by the workers' mean scale; the C kernel takes it as a number.
+        mean_scale = scales.mean() if self.majority_vote else None
+        vote = None if mean_scale is None or out.device.type != "cpu" else float(mean_scale)
+        if (not self.majority_vote or vote is not None) and kernels.sign_accumulate(out, scales, bits, vote):
+            return out
+        if mean_scale is None:
+            return super().aggregate(gathered, numel, ctx, out)
+        votes = torch.zeros(numel, dtype=torch.float32, device=out.device)
+        for row in bits:  # one worker at a time: O(numel) memory whatever the worker count
+            votes.add_(self._signs(row, numel))
+        return torch.mul(torch.sign(votes), mean_scale, out=out)

@@ -2,7 +2,10 @@
 payloads are summable, else all-gather.
 
 Per bucket: compressible matrices are error-compensated and encoded; 1-D tensors and matrices that would not
-compress by ``min_compression_rate`` travel raw; everything goes out as ONE fused message per bucket.
+compress by ``min_compression_rate`` travel raw. Summable payloads and raw tensors go out as ONE fused
+all-reduce per bucket. Otherwise the compressed payloads are all-gathered in one fused message and the raw
+tensors all-reduced in another: in an all-gather their traffic would grow with the worker count, in an
+all-reduce it does not. The gathered payloads are decoded one worker at a time, straight into the gradients.
 """
 
 from __future__ import annotations
@@ -17,15 +20,30 @@ from gradzip.comm.collectives import Comm
 from gradzip.compress.base import Compressor, check_pairing, is_matrix_worth_it
 from gradzip.compress.feedback import ErrorFeedback, Staged, Velocity, encode_with_feedback
 from gradzip.compress.fusion import ByteLayout, split_message
-from gradzip.reducers.reducer import Bucket, Reducer
+from gradzip.reducers.reducer import Bucket, Reducer, new_future
 
 
 @dataclass
 class _Plan:
     compressed: list[int]
     raw: list[int]
-    sizes: list[int]  # summable: float32 message segments, compressed payloads then raw tensors
-    layout: ByteLayout | None  # all-gather: byte layout of the same segments
+    sizes: list[int]  # float32 all-reduce segments: compressed payloads if summable, then raw tensors
+    layout: ByteLayout | None  # not summable: byte layout of the all-gathered compressed payloads
+
+
+def _all_of(
+    a: Future[torch.Tensor] | None, b: Future[torch.Tensor] | None, like: torch.Tensor
+) -> Future[Any]:
+    """A future that completes when both collectives (either may be None) have."""
+    if a is None or b is None:
+        return a or b or _done(like)
+    return torch.futures.collect_all([a, b])
+
+
+def _done(like: torch.Tensor) -> Future[torch.Tensor]:
+    fut = new_future(like)
+    fut.set_result(like)
+    return fut
 
 
 class ElementwiseReducer(Reducer):
@@ -61,10 +79,10 @@ class ElementwiseReducer(Reducer):
             worth = is_matrix_worth_it(g.shape, sent, self.min_rate, g.element_size())
             (compressed if worth else raw).append(i)
         specs = [s for i in compressed for s in comp.payload_spec(bucket.grads[i].numel())]
-        specs += [(torch.float32, bucket.grads[i].numel()) for i in raw]
+        raw_sizes = [bucket.grads[i].numel() for i in raw]
         if comp.caps.summable:
-            return _Plan(compressed, raw, [n for _, n in specs], None)
-        return _Plan(compressed, raw, [], ByteLayout(specs))
+            return _Plan(compressed, raw, [n for _, n in specs] + raw_sizes, None)
+        return _Plan(compressed, raw, raw_sizes, ByteLayout(specs))
 
     def staged_state(self) -> list[Staged]:
         return [self.velocity] + ([self.ef] if self.ef is not None else [])
@@ -83,17 +101,25 @@ class ElementwiseReducer(Reducer):
         ctxs: list[Any] = []
         for i in plan.compressed:
             u = self._with_momentum(bucket, i)
-            p = self.ef.compensate(bucket.keys[i], u) if self.ef else u
+            p, add = u, None
+            if self.ef:  # p = e + u is formed by the encoding's own sweep (Compressor.encode_sum)
+                e, p = self.ef.compensation_buffers(bucket.keys[i], u)
+                add = (e, u)
             payload, ctx = encode_with_feedback(
                 comp, p, bucket.keys[i], self.step, residual=self.ef is not None,
-                sent=u if self.velocity.momentum else None,
+                sent=u if self.velocity.momentum else None, compensate=add,
             )  # fmt: skip
             payloads += payload
             ctxs.append(ctx)
-        payloads += [self._with_momentum(bucket, i) for i in plan.raw]
+        raw = [self._with_momentum(bucket, i) for i in plan.raw]
         nc = len(plan.compressed)
 
+        def copy_raw(parts: list[torch.Tensor]) -> None:
+            for part, i in zip(parts, plan.raw, strict=True):
+                bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
+
         if plan.layout is None:  # summable: one all-reduce, decode the sum
+            payloads += raw
             msg = torch.cat(payloads) if payloads else bucket.buffer.new_zeros(0)
 
             def finish_sum(result: torch.Tensor) -> None:
@@ -101,26 +127,26 @@ class ElementwiseReducer(Reducer):
                 for j, i in enumerate(plan.compressed):
                     g = bucket.grads[i]
                     g.copy_(comp.decode([parts[j]], ctxs[j], g.numel()).view_as(g))
-                for part, i in zip(parts[nc:], plan.raw, strict=True):
-                    bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
+                copy_raw(parts[nc:])
 
             return self.defer(bucket, self.comm.all_reduce(msg), finish_sum)
-        # not summable: all-gather every worker's payloads, aggregate them here
+        # not summable: all-gather the payloads, all-reduce the raw tensors (pre-divided: the sum is the mean)
         layout = plan.layout
-        msg = layout.pack(payloads, bucket.buffer.device)
-        per = len(layout.specs) - len(plan.raw)
-        width = per // nc if nc else 0
+        gathered = self.comm.all_gather(layout.pack(payloads, bucket.buffer.device)) if nc else None
+        reduced = self.comm.all_reduce(torch.cat(raw).div_(world)) if raw else None
+        width = len(layout.specs) // nc if nc else 0
 
-        def finish_gather(result: torch.Tensor) -> None:
-            views = layout.views(result)
-            for j, i in enumerate(plan.compressed):
-                g = bucket.grads[i]
-                agg = comp.aggregate(views[j * width : (j + 1) * width], g.numel())
-                g.copy_(agg.view_as(g))
-            for v, i in zip(views[per:], plan.raw, strict=True):
-                bucket.grads[i].copy_(v.mean(0).view_as(bucket.grads[i]))
+        def finish_gather(_: object) -> None:
+            if gathered is not None:
+                views = layout.views(gathered.value())
+                for j, i in enumerate(plan.compressed):
+                    g = bucket.grads[i]
+                    # Decoded one worker at a time straight into the gradient: no [world, numel] temporary.
+                    comp.aggregate(views[j * width : (j + 1) * width], g.numel(), out=g.view(-1))
+            if reduced is not None:
+                copy_raw(split_message(reduced.value(), plan.sizes))
 
-        return self.defer(bucket, self.comm.all_gather(msg), finish_gather)
+        return self.defer(bucket, _all_of(gathered, reduced, bucket.buffer), finish_gather)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from gradzip.bench import kernels
-from gradzip.bench.kernels import METHODS, REFERENCE, format_table, run_kernels, shape_sets
+from gradzip.bench.kernels import METHODS, REFERENCE, format_table, format_targets, run_kernels, shape_sets
 
 # A handful of ResNet-50's smallest real shapes: each under torch's parallel grain, so a busy CPU does not
 # make the test wait on OpenMP workers.
@@ -41,6 +42,19 @@ def test_format_table(tiny_results: list[kernels.KernelResult]) -> None:
     assert len(lines) == 2 + len(tiny_results)
     for line, r in zip(lines[2:], tiny_results, strict=True):
         assert line.startswith(f"| {r.method} | resnet50 |")
+
+
+def test_targets_are_read_off_the_rows(tiny_results: list[kernels.KernelResult]) -> None:
+    rows = [
+        dataclasses.replace(r, fraction_of_copy=0.3 if r.method == "sign" else 0.01) for r in tiny_results
+    ]
+    rows = [dataclasses.replace(r, seconds=4.0 if r.method == REFERENCE else 1.0) for r in rows]
+    lines = format_targets(rows).splitlines()
+    assert "- resnet50 sign: 0.300 of copy speed (target >= 0.25): holds" in lines
+    assert "- resnet50 qsgd: 0.010 of copy speed (target >= 0.25): MISSED" in lines
+    assert f"- resnet50 topk: 4.00x faster than {REFERENCE} alone (target >= 3x): holds" in lines
+    slow = [dataclasses.replace(r, seconds=2.0) for r in rows]  # negative control: 1x is no speed-up
+    assert "1.00x faster" in format_targets(slow) and "MISSED" in format_targets(slow).splitlines()[-1]
 
 
 def test_topk_brings_its_reference_and_slow_passes_run_on_a_subset() -> None:

@@ -167,9 +167,10 @@ def test_pack_unpack_bits_round_trip(n: int) -> None:
     assert torch.equal(unpacked, rows)
 
 
-def test_pack_bits_msb_first() -> None:
-    packed = pack_bits(torch.tensor([True, False, False, False, False, False, False, True, True]))
-    assert packed.tolist() == [0b10000001, 0b10000000]
+def test_pack_bits_lsb_first() -> None:
+    # The order of a SIMD sign mask, which the C kernel stores as is.
+    packed = pack_bits(torch.tensor([True, True, False, False, False, False, False, False, True]))
+    assert packed.tolist() == [0b00000011, 0b00000001]
 
 
 def test_sign_aggregates_by_hand() -> None:

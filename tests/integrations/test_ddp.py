@@ -236,16 +236,17 @@ def _pad8(n: int) -> int:
 
 # Per step and worker, what each method hands to its collective for known_net (one bucket), by hand.
 # All-gathered payloads are packed with every segment padded to 8 bytes.
+RAW = 4 * 64 + 4 * 16  # the biases: 1-D tensors travel raw (for the all-gather methods, in an all-reduce)
 HAND_BYTES = {
     "ssgd": [4 * 3152],
     "fp16": [2 * 3152],
-    # scale (4 B) + bits (d/8 B) per matrix, 1-D tensors raw
-    "signsgd": [_pad8(4) + 2048 // 8 + _pad8(4) + 1024 // 8 + 4 * 64 + 4 * 16],
+    # scale (4 B) + bits (d/8 B) per matrix
+    "signsgd": [_pad8(4) + 2048 // 8 + _pad8(4) + 1024 // 8 + RAW],
     # k = ceil(0.01 d): 21 and 11 values (fp32) + as many int32 indices
-    "topk": [2 * _pad8(4 * 21) + 2 * _pad8(4 * 11) + 4 * 64 + 4 * 16],
+    "topk": [2 * _pad8(4 * 21) + 2 * _pad8(4 * 11) + RAW],
     "randomk": [4 * (205 + 103 + 64 + 16)],  # density 0.1: k = 205 and 103
     # norm + one int8 per element
-    "qsgd": [_pad8(4) + 2048 + _pad8(4) + 1024 + 4 * 64 + 4 * 16],
+    "qsgd": [_pad8(4) + 2048 + _pad8(4) + 1024 + RAW],
     # P (64x4, 16x4) with the biases, then Q (32x4, 64x4)
     "powersgd": [4 * (64 * 4 + 16 * 4 + 64 + 16) + 4 * (32 * 4 + 64 * 4)],
     # alternating: P-step then Q-step, biases in both
@@ -253,12 +254,13 @@ HAND_BYTES = {
 }
 
 
-def _bytes_per_step(rank: int, world: int) -> dict[str, list[tuple[int, int]]]:
-    out = {}
+def _bytes_per_step(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for method in METHODS:
         model = DDP(known_net())
         state, hook = gradzip.ddp_hook(method, model=model)
         model.register_comm_hook(state, hook)
+        state.comm.trace = []
         per_step = []
         for step in range(4):
             sent, received = state.stats.bytes_sent, state.stats.bytes_received
@@ -267,6 +269,7 @@ def _bytes_per_step(rank: int, world: int) -> dict[str, list[tuple[int, int]]]:
             model(x).square().mean().backward()
             per_step.append((state.stats.bytes_sent - sent, state.stats.bytes_received - received))
         out[method] = per_step
+        out[method + "/ops"] = sorted({(op, str(dtype)) for op, _, dtype in state.comm.trace})
     return out
 
 
@@ -278,7 +281,11 @@ def test_bytes_sent_and_received_match_hand_computed_payloads() -> None:
         for step, (sent, received) in enumerate(got[method]):
             want = expected[step % len(expected)]
             assert sent == want, f"{method} step {step}: sent {sent}, by hand {want}"
-            assert received == (want * (world - 1) if method in all_gather else want), method
+            # All-gathered payloads come from every other worker; an all-reduce brings one aggregate.
+            gathered = want - RAW if method in all_gather else 0
+            assert received == gathered * (world - 1) + (want - gathered), method
+        if method in all_gather:  # the payloads in an all-gather, the biases in an all-reduce of float32
+            assert got[method + "/ops"] == [("all_gather", "torch.uint8"), ("all_reduce", "torch.float32")]
 
 
 def _acp_trace(rank: int, world: int) -> dict[str, Any]:

@@ -137,6 +137,68 @@ class Compressor:
         Compressors with a C kernel do both in one sweep over memory."""
         return self.encode(compensate_into(e, g, out))
 
+    # ---- rows: the parts of one tensor as a [rows, m] view, each row with its own random stream (DoubleSqueeze)
+
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``encode_rows`` on ``x`` runs batched torch calls over all rows (a few kernel launches per
+        tensor, where a launch costs more than the work: CUDA) rather than ``encode`` row by row (the CPU,
+        where the C kernels make each row one sweep). Compressors with a batched form override it."""
+        return False
+
+    def encode_rows(
+        self, x: torch.Tensor, streams: list[str], step: int, batched: bool | None = None
+    ) -> tuple[list[torch.Tensor], Any]:
+        """Payloads of every row of ``x`` (``[rows, m]``), stacked ``[rows, ...]``: row ``r`` as ``encode``
+        gives it from the random stream of (``streams[r]``, ``step``). ``batched`` forces one form or the
+        other (the tests compare them); None lets ``batch_rows`` choose. The context goes to ``residual_rows_``
+        and ``mask_rows_``."""
+        if batched if batched is not None else self.batch_rows(x):
+            return self._encode_rows_batched(x, streams, step)
+        rows = []
+        for r, stream in enumerate(streams):
+            self.select_stream(stream, step)
+            rows.append(self.encode(x[r]))
+        if not rows:
+            empty = [
+                torch.empty((0, n), dtype=dt, device=x.device) for dt, n in self.payload_spec(x.shape[1])
+            ]
+            return empty, []
+        payload = [torch.stack([p[i] for p, _ in rows]) for i in range(len(rows[0][0]))]
+        return payload, [ctx for _, ctx in rows]
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        raise NotImplementedError(f"compressor {self.name!r} has no batched form")
+
+    def residual_rows_(self, x: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        """``residual_`` of every row of ``x``, with ``encode_rows``' payload and context."""
+        if isinstance(ctx, list):
+            for r, c in enumerate(ctx):
+                self.residual_(x[r], [p[r] for p in payload], c)
+            return x
+        return x.sub_(self.decode(payload, ctx, x.shape[1]))
+
+    def mask_rows_(self, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """``mask_sent_`` of every row of ``t``, with ``encode_rows``' context."""
+        for r, c in enumerate(ctx):
+            self.mask_sent_(t[r], c)
+        return t
+
+    def decode_rows_into(
+        self, out: torch.Tensor, payload: list[torch.Tensor], streams: list[str], step: int
+    ) -> None:
+        """``out[r] = decode(row r of payload)`` for ``out`` of ``[rows, m]``; a compressor whose payload
+        leaves out what every worker can draw redraws row ``r``'s from (``streams[r]``, ``step``)."""
+        m = out.shape[1]
+        if self.caps.shared_randomness or not self.batch_rows(out):
+            for r, stream in enumerate(streams):
+                self.select_stream(stream, step)
+                ctx = self.shared_context(m, out.device)
+                self.aggregate([p[r : r + 1] for p in payload], m, ctx, out=out[r])  # the mean of one row
+            return
+        out.copy_(self.decode(payload, None, m))
+
     def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
         """Turn ``p`` into ``p - decode(encode(p))`` in place (the new error-feedback residual)."""
         return p.sub_(self.decode(payload, ctx, p.numel()))

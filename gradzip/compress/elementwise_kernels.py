@@ -38,6 +38,11 @@ def _lib(*ts: torch.Tensor) -> ctypes.CDLL | None:
     return lib
 
 
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernels take ``x`` (CPU float32, and the library built)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and fused._library() is not None
+
+
 def _rows(t: torch.Tensor) -> tuple[int, int]:
     """(rows, stride of a row in elements) of a payload view that may carry a leading worker dim."""
     if t.ndim == 1:

@@ -10,13 +10,22 @@ _ALIGN = 8  # every segment starts on an 8-byte boundary so it can be viewed as 
 
 
 class ByteLayout:
-    """Segments of mixed dtypes packed into one uint8 buffer (for all-gathered payloads)."""
+    """Segments of mixed dtypes packed into one uint8 buffer (for all-gathered payloads).
 
-    def __init__(self, specs: Sequence[tuple[torch.dtype, int]]) -> None:
+    ``slots`` (element counts, one per segment, at least the segment's own) reserve room for a segment
+    larger than this one: messages whose segments differ in length then share offsets, so a segment is one
+    strided view across a stack of messages (DoubleSqueeze's parts)."""
+
+    def __init__(self, specs: Sequence[tuple[torch.dtype, int]], slots: Sequence[int] | None = None) -> None:
         self.specs = list(specs)
+        reserved = [n for _, n in self.specs] if slots is None else list(slots)
+        if len(reserved) != len(self.specs) or any(
+            r < n for r, (_, n) in zip(reserved, self.specs, strict=True)
+        ):
+            raise ValueError(f"slots {reserved} do not hold segments {[n for _, n in self.specs]}")
         self.offsets: list[int] = []
         off = 0
-        for dtype, count in self.specs:
+        for (dtype, _), count in zip(self.specs, reserved, strict=True):
             self.offsets.append(off)
             off += -(-count * dtype.itemsize // _ALIGN) * _ALIGN
         self.nbytes = off

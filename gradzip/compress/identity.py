@@ -19,6 +19,14 @@ class Identity(Compressor):
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         return [x.clone()], None  # a payload never aliases its input: error feedback reuses that buffer
 
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        return True  # encode is element-wise and draws nothing: one call serves every row
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        return self.encode(x)
+
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         return payload[0]
 
@@ -33,6 +41,14 @@ class Half(Compressor):
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         return [x.to(torch.float16)], None
+
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        return True  # encode is element-wise and draws nothing: one call serves every row
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        return self.encode(x)
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         return payload[0].to(torch.float32)

@@ -31,8 +31,11 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def counter_uniforms(n: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Element ``j``'s uniform in [0, 1) (24 random bits) under ``key``: ``_elementwise.c``'s ``ew_uniform``."""
+def counter_uniforms(
+    n: int, key: tuple[int | torch.Tensor, int | torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """Element ``j``'s uniform in [0, 1) (24 random bits) under ``key``: ``_elementwise.c``'s ``ew_uniform``.
+    Keys may be ``[rows, 1]`` int64 tensors: one row of uniforms per key."""
     i = torch.arange(n, dtype=torch.int64, device=device)
     x = _mix((_mix((i & _M32) ^ key[0]) + ((i >> 32) ^ key[1])) & _M32)
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
@@ -49,9 +52,13 @@ class QSGD(Compressor):
     def payload_spec(self, numel: int) -> list[tuple[torch.dtype, int]]:
         return [(torch.float32, 1), (torch.int8, numel)]
 
-    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
-        # The key comes from the CPU generator whatever the device: two numbers, no device round trip.
+    def _key(self) -> tuple[int, int]:
+        # From the CPU generator whatever the device: two numbers, no device round trip.
         k1, k2 = torch.randint(1 << 32, (2,), generator=self.generator).tolist()
+        return k1, k2
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        k1, k2 = self._key()
         squares = kernels.square_sum(x)  # accumulated in float64, as the torch path below
         if squares is not None:
             norm = torch.tensor([math.sqrt(squares)], dtype=torch.float32)
@@ -61,11 +68,32 @@ class QSGD(Compressor):
             assert q is not None  # the same conditions as square_sum's
             return [norm, q], None
         norm = torch.linalg.vector_norm(x, dtype=torch.float64).to(torch.float32).reshape(1)
+        return [norm, self._levels(x, norm, (k1, k2))], None
+
+    def _levels(
+        self, x: torch.Tensor, norm: torch.Tensor, key: tuple[int | torch.Tensor, int | torch.Tensor]
+    ) -> torch.Tensor:
+        """The torch path of the rounding: signed levels of ``x`` (``[m]``, or ``[rows, m]`` with ``norm`` and
+        the keys ``[rows, 1]``)."""
         a = x.abs() / norm.clamp_min(torch.finfo(torch.float32).tiny) * self.levels
         floor = a.floor()
-        u = counter_uniforms(x.numel(), (k1, k2), x.device)
+        u = counter_uniforms(x.shape[-1], key, x.device)
         level = floor + (u < a - floor).to(torch.float32)
-        return [norm, (torch.sign(x) * level).to(torch.int8)], None
+        return (torch.sign(x) * level).to(torch.int8)
+
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        return not kernels.serves(x)
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        keys = []
+        for stream in streams:  # each row's key from its own stream, as encode draws it
+            self.select_stream(stream, step)
+            keys.append(self._key())
+        key = torch.tensor(keys, dtype=torch.int64, device=x.device).reshape(-1, 2)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
+        return [norm, self._levels(x, norm, (key[:, :1], key[:, 1:]))], None
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         norm, q = payload

@@ -23,11 +23,12 @@ def _bits(device: torch.device) -> torch.Tensor:
 
 
 def pack_bits(positive: torch.Tensor) -> torch.Tensor:
-    """Booleans -> uint8, eight per byte (least significant first); pads the tail with zeros."""
-    n = positive.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=positive.device)
-    padded[:n] = positive.reshape(-1)
-    return (padded.view(-1, 8) * _bits(positive.device)).sum(1, dtype=torch.uint8)
+    """Booleans ``[..., n]`` -> uint8 ``[..., ceil(n / 8)]``, eight per byte (least significant first); pads
+    each row's tail with zeros."""
+    n, lead = positive.shape[-1], positive.shape[:-1]
+    padded = torch.zeros((*lead, -(-n // 8) * 8), dtype=torch.uint8, device=positive.device)
+    padded[..., :n] = positive
+    return (padded.view(*lead, -1, 8) * _bits(positive.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,6 +73,17 @@ class ScaledSign(Compressor):
             compensate_into(*add, x)
         total_t = x.abs().sum(dtype=torch.float64)
         scale = (total_t / n if n else total_t).to(torch.float32).reshape(1)
+        return [scale, pack_bits(x >= 0)], None
+
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        return not kernels.serves(x)
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        m = x.shape[1]
+        total = x.abs().sum(1, dtype=torch.float64, keepdim=True)
+        scale = (total / m if m else total).to(torch.float32)
         return [scale, pack_bits(x >= 0)], None
 
     def _signs(self, bits: torch.Tensor, numel: int) -> torch.Tensor:

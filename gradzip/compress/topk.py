@@ -123,6 +123,23 @@ class TopK(Compressor):
         idx, values = found
         return [values, idx.to(torch.int32)], idx
 
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        return x.device.type != "cpu"  # on the CPU, the sampled selection row by row
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        idx = torch.topk(x.abs(), k_of(self.density, x.shape[1]), dim=1, sorted=False).indices
+        return [x.gather(1, idx), idx.to(torch.int32)], idx
+
+    def residual_rows_(self, x: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
+        return self.mask_rows_(x, ctx)  # what was sent is exactly x at the chosen indices
+
+    def mask_rows_(self, t: torch.Tensor, ctx: Any) -> torch.Tensor:
+        if isinstance(ctx, torch.Tensor):  # batched: [rows, k] indices
+            return t.scatter_(1, ctx, 0.0)
+        return super().mask_rows_(t, ctx)
+
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         values, indices = payload
         out = torch.zeros((*values.shape[:-1], numel), dtype=values.dtype, device=values.device)

@@ -35,17 +35,19 @@ from gradzip.comm.collectives import Comm
 from gradzip.compress.base import check_pairing
 from gradzip.compress.feedback import ErrorFeedback, Staged, Velocity
 from gradzip.config import DoubleSqueezeConfig
-from gradzip.reducers.parts import PartCodec, part_bounds
+from gradzip.reducers.parts import PartCodec
 from gradzip.reducers.reducer import Bucket, Reducer
 
 
-def make_codec(cfg: DoubleSqueezeConfig, parts: int, rank: int, pattern: str) -> PartCodec:
+def make_codec(
+    cfg: DoubleSqueezeConfig, parts: int, rank: int, pattern: str, uniform: bool = False
+) -> PartCodec:
     """The codec of a DoubleSqueeze process: the configured compressor, checked against ``pattern``, with
-    randomness of its own where workers need not agree."""
+    randomness of its own where workers need not agree (``uniform``: see ``PartCodec``)."""
     compressor = cfg.make_compressor()
     check_pairing(compressor, pattern)
     compressor.independent_per_rank(rank)
-    return PartCodec(compressor, parts)
+    return PartCodec(compressor, parts, uniform)
 
 
 def server_step(
@@ -146,7 +148,8 @@ class DoubleSqueezeSharded(Reducer):
 
     def __init__(self, cfg: DoubleSqueezeConfig, comm: Comm) -> None:
         super().__init__(comm)
-        self.codec = make_codec(cfg, comm.world, comm.rank, "doublesqueeze")
+        # Parts travel as the rows of one all-to-all and one all-gather: one layout for all, batched passes.
+        self.codec = make_codec(cfg, comm.world, comm.rank, "doublesqueeze", uniform=True)
         self.worker_ef = ErrorFeedback()
         # The server residual of this worker's part of each tensor (keyed by the tensor's name).
         self.server_ef = ErrorFeedback() if cfg.server_error_feedback else None
@@ -165,10 +168,8 @@ class DoubleSqueezeSharded(Reducer):
     def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         plan: _Plan = self.plan(bucket, self._make_plan)
         me, world, step, keys = self.comm.rank, self.comm.world, self.step, bucket.keys
-        parts = self.codec.compress_worker(self.worker_ef, self.velocity, bucket.grads, keys, "", step)
         send = torch.zeros((world, plan.width), dtype=torch.uint8, device=bucket.buffer.device)
-        for j, payloads in enumerate(parts):
-            self.codec.pack(payloads, plan.numels, j, send[j])
+        self.codec.compress_worker_into(self.worker_ef, self.velocity, bucket.grads, keys, "", step, send)
 
         def server_pass(rows: torch.Tensor) -> Future[torch.Tensor]:
             received = self.codec.aggregate(rows, plan.numels, keys, me, "", step)
@@ -178,12 +179,7 @@ class DoubleSqueezeSharded(Reducer):
             return self.comm.all_gather(msg)
 
         def finish(rows: torch.Tensor) -> None:
-            flats = [g.view(-1) for g in bucket.grads]
-            for s in range(world):
-                decoded = self.codec.decode(rows[s], plan.numels, keys, s, "/server", step)
-                for flat, part in zip(flats, decoded, strict=True):
-                    a, b = part_bounds(flat.numel(), world)[s]
-                    flat[a:b].copy_(part)
+            self.codec.decode_into(rows, [g.view(-1) for g in bucket.grads], keys, "/server", step)
 
         return self.defer(bucket, self.comm.all_to_all(send), finish, server_pass)
 

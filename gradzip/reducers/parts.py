@@ -35,25 +35,95 @@ def part_bounds(numel: int, parts: int) -> tuple[tuple[int, int], ...]:
 class PartCodec:
     """Compresses, packs, unpacks and aggregates part ``j`` of a list of tensors (see the module docstring)."""
 
-    def __init__(self, compressor: Compressor, parts: int) -> None:
+    def __init__(self, compressor: Compressor, parts: int, uniform: bool = False) -> None:
         self.compressor = compressor
         self.parts = parts
+        self.uniform = uniform
+        """Every part's message has the same layout (see ``layout``): what the batched ``compress_worker_into``
+        and ``decode_into`` need, for messages that travel as the rows of one tensor anyway (an all-to-all,
+        an all-gather). Separate messages (dedicated servers) keep each part's own, a few bytes shorter."""
         self._layouts: dict[tuple[tuple[int, ...], int], ByteLayout] = {}
 
     def layout(self, numels: tuple[int, ...], part: int) -> ByteLayout:
+        """The message of part ``part`` of tensors of ``numels``. With ``uniform``, each tensor's payloads sit
+        in slots sized for its longest part (the first), so every part's message has the same offsets and a
+        tensor's payloads over a run of parts are one strided view of a stack of messages."""
         key = (numels, part)
         lay = self._layouts.get(key)
         if lay is None:
-            specs = []
+            specs, slots = [], []
             for n in numels:
-                a, b = part_bounds(n, self.parts)[part]
-                specs += self.compressor.payload_spec(b - a)
-            lay = self._layouts[key] = ByteLayout(specs)
+                bounds = part_bounds(n, self.parts)
+                mine = self.compressor.payload_spec(bounds[part][1] - bounds[part][0])
+                longest = self.compressor.payload_spec(bounds[0][1] - bounds[0][0])
+                specs += mine
+                slots += [max(a, b) for (_, a), (_, b) in zip(mine, longest, strict=True)]
+            lay = self._layouts[key] = ByteLayout(specs, slots if self.uniform else None)
         return lay
 
     def width(self, numels: tuple[int, ...]) -> int:
         """Bytes of the largest part's message: every part is sent in a row of this width."""
         return max(self.layout(numels, j).nbytes for j in range(self.parts))
+
+    def groups(self, flat: torch.Tensor) -> list[tuple[range, torch.Tensor]]:
+        """The parts of flat tensor ``flat`` as at most two ``[parts, length]`` views: the first ``numel %
+        parts`` parts are one longer than the others (``part_bounds``)."""
+        q, r = divmod(flat.numel(), self.parts)
+        out = [(range(0, r), flat[: r * (q + 1)].view(r, q + 1))] if r else []
+        out.append((range(r, self.parts), flat[r * (q + 1) :].view(self.parts - r, q)))
+        return out
+
+    def _slots(
+        self, msgs: torch.Tensor, numels: tuple[int, ...], tensor: int, rows: range
+    ) -> list[torch.Tensor]:
+        """Views of tensor ``tensor``'s payloads in messages ``rows`` of ``msgs`` (``[parts, width]``):
+        ``[len(rows), ...]`` each, strided by the message width (``uniform`` layouts only)."""
+        if not self.uniform:
+            raise ValueError("batched parts need a PartCodec built with uniform=True")
+        lay = self.layout(numels, rows.start)
+        per = len(lay.specs) // len(numels)
+        out = []
+        for i in range(tensor * per, (tensor + 1) * per):
+            (dtype, count), off = lay.specs[i], lay.offsets[i]
+            out.append(msgs[rows.start : rows.stop, off : off + count * dtype.itemsize].view(dtype))
+        return out
+
+    def compress_worker_into(
+        self,
+        ef: ErrorFeedback,
+        velocity: Velocity,
+        grads: list[torch.Tensor],
+        keys: list[str],
+        tag: str,
+        step: int,
+        send: torch.Tensor,
+    ) -> None:
+        """``compress_worker``, batched: each tensor's parts are encoded as the rows of one or two views
+        (``Compressor.encode_rows``) and written into the zeroed messages ``send`` (``[parts, width]``, one per
+        part) with one strided copy per payload, where a part at a time cost parts x tensors small calls."""
+        comp = self.compressor
+        us = [velocity(k, g.reshape(-1)) for k, g in zip(keys, grads, strict=True)]
+        vs = [ef.compensate(k, u) for k, u in zip(keys, us, strict=True)]
+        numels = tuple(v.numel() for v in vs)
+        for t, (u, v, key) in enumerate(zip(us, vs, keys, strict=True)):
+            for (rows, x), (_, umat) in zip(self.groups(v), self.groups(u), strict=True):
+                payload, ctx = comp.encode_rows(x, [self.stream(key, j, tag) for j in rows], step)
+                comp.residual_rows_(x, payload, ctx)
+                if velocity.momentum and comp.sparsifies:
+                    comp.mask_rows_(umat, ctx)
+                for slot, p in zip(self._slots(send, numels, t, rows), payload, strict=True):
+                    slot.copy_(p)
+
+    def decode_into(
+        self, msgs: torch.Tensor, flats: list[torch.Tensor], keys: list[str], tag: str, step: int
+    ) -> None:
+        """Every part of every tensor from the messages ``msgs`` (``[parts, width]``, row ``j`` part ``j``'s),
+        decoded straight into the flat tensors ``flats``, a run of equal parts at a time."""
+        numels = tuple(f.numel() for f in flats)
+        for t, (flat, key) in enumerate(zip(flats, keys, strict=True)):
+            for rows, out in self.groups(flat):
+                payload = self._slots(msgs, numels, t, rows)
+                self.compressor.decode_rows_into(out, payload, [self.stream(key, j, tag) for j in rows], step)
 
     @staticmethod
     def stream(key: str, part: int, tag: str) -> str:

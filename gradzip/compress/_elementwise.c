@@ -92,13 +92,14 @@ static double ew_sum(const float *x, int64_t n, int squares) {
  * < 0); returns sum |x| in double. Works in blocks that stay in L1 between the sub-steps. */
 #define EW_BLOCK 2048
 double gz_sign_pack(const float *e, const float *g, float *x, uint8_t *bits, int64_t n, int threads) {
-    int nt = ew_team(threads, n);
+    int nc = ew_team(threads, n);
     double part[EW_MAX_THREADS];
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num();
+    /* A loop over chunks, not one chunk per thread: every chunk runs even if the runtime grants fewer threads
+     * (OMP_DYNAMIC, OMP_THREAD_LIMIT), and the sum depends on the requested count only. */
+#pragma omp parallel for schedule(static) num_threads(nc)
+    for (int c = 0; c < nc; c++) {
         int64_t lo, hi;
-        ew_chunk(n, 8, t, nt, &lo, &hi);
+        ew_chunk(n, 8, c, nc, &lo, &hi);
         double s = 0.0;
         for (int64_t b0 = lo; b0 < hi; b0 += EW_BLOCK) {
             int64_t b1 = b0 + EW_BLOCK < hi ? b0 + EW_BLOCK : hi, j = b0;
@@ -111,10 +112,10 @@ double gz_sign_pack(const float *e, const float *g, float *x, uint8_t *bits, int
             }
             s += ew_sum(x + b0, b1 - b0, 0);
         }
-        part[t] = s;
+        part[c] = s;
     }
     double s = 0.0;
-    for (int t = 0; t < nt; t++) s += part[t];
+    for (int c = 0; c < nc; c++) s += part[c];
     return s;
 }
 
@@ -157,17 +158,16 @@ void gz_sign_accumulate(float *out, const uint8_t *bits, int64_t brow, const flo
 /* ---------------------------------------------------------------------------------------------- QSGD */
 
 double gz_square_sum(const float *x, int64_t n, int threads) {
-    int nt = ew_team(threads, n);
+    int nc = ew_team(threads, n);
     double part[EW_MAX_THREADS];
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num();
+#pragma omp parallel for schedule(static) num_threads(nc)
+    for (int c = 0; c < nc; c++) {
         int64_t lo, hi;
-        ew_chunk(n, 8, t, nt, &lo, &hi);
-        part[t] = ew_sum(x + lo, hi - lo, 1);
+        ew_chunk(n, 8, c, nc, &lo, &hi);
+        part[c] = ew_sum(x + lo, hi - lo, 1);
     }
     double s = 0.0;
-    for (int t = 0; t < nt; t++) s += part[t];
+    for (int c = 0; c < nc; c++) s += part[c];
     return s;
 }
 
@@ -179,27 +179,23 @@ static inline uint32_t ew_mix(uint32_t x) {
     return (x >> 16) ^ x;
 }
 
-/* The uniform number of element i under key (k1, k2): 24 random bits in [0, 1). */
-static inline float ew_uniform(int64_t i, uint32_t k1, uint32_t k2) {
-    uint32_t lo = (uint32_t)i, hi = (uint32_t)((uint64_t)i >> 32);
-    return (float)(ew_mix(ew_mix(lo ^ k1) + (k2 ^ hi)) >> 8) * (1.0f / 16777216.0f);
-}
-
 /* q[j] = sign(x[j]) * level[j] for j in [lo, hi): a = |x[j]| / norm * levels, level = floor(a) + (u_j < a -
- * floor(a)). A plain function over a range with restrict pointers and a 32-bit counter, so that GCC
- * vectorises it (8 hashes per AVX2 instruction). */
+ * floor(a)). The caller passes a finite norm, so 0 <= a <= levels. A plain function over a range with
+ * restrict pointers and a 32-bit counter, so that GCC vectorises it (8 hashes per AVX2 instruction). */
 static void ew_quantize_range(const float *restrict x, int8_t *restrict q, int64_t lo, int64_t hi, float norm,
                               float levels, uint32_t k1, uint32_t k2) {
     uint32_t hi32 = k2 ^ (uint32_t)((uint64_t)lo >> 32), base = (uint32_t)lo;
     for (int64_t j = lo, end = hi; j < end;) {
         /* Within a range the high half of the index is constant except across 2^32 boundaries. */
-        int64_t stop = end - j < (int64_t)(UINT32_MAX - base) ? end : j + (int64_t)(UINT32_MAX - base);
+        int64_t room = ((int64_t)1 << 32) - (int64_t)base; /* indices before the next 2^32 boundary */
+        int64_t stop = end - j < room ? end : j + room;
         int64_t m = stop - j;
         for (int64_t t = 0; t < m; t++) {
             float v = x[j + t];
             float a = fabsf(v) / norm * levels;
             /* floor(a) for 0 <= a <= levels (|x| <= norm), as a conversion: GCC vectorises it, not floorf. */
             float f = (float)(int32_t)a;
+            /* Element i's uniform under key (k1, k2): mix(mix(low32(i) ^ k1) + (k2 ^ high32(i))) >> 8, 24 bits. */
             uint32_t h = ew_mix(ew_mix((base + (uint32_t)t) ^ k1) + hi32);
             float u = (float)(h >> 8) * (1.0f / 16777216.0f);
             float level = f + (u < a - f ? 1.0f : 0.0f);
@@ -214,11 +210,11 @@ static void ew_quantize_range(const float *restrict x, int8_t *restrict q, int64
 
 void gz_qsgd_quantize(const float *x, int8_t *q, int64_t n, float norm, float levels, uint32_t k1, uint32_t k2,
                       int threads) {
-    int nt = ew_team(threads, n);
-#pragma omp parallel num_threads(nt)
-    {
+    int nc = ew_team(threads, n);
+#pragma omp parallel for schedule(static) num_threads(nc)
+    for (int c = 0; c < nc; c++) {
         int64_t lo, hi;
-        ew_chunk(n, 64, omp_get_thread_num(), nt, &lo, &hi);
+        ew_chunk(n, 64, c, nc, &lo, &hi);
         ew_quantize_range(x, q, lo, hi, norm, levels, k1, k2);
     }
 }
@@ -227,11 +223,11 @@ void gz_qsgd_quantize(const float *x, int8_t *q, int64_t n, float norm, float le
  * sums stay in L1. q: world rows `qrow` bytes apart; norms: one float per row, `nrow` floats apart. */
 void gz_qsgd_accumulate(float *out, const int8_t *q, int64_t qrow, const float *norms, int64_t nrow,
                         int64_t world, float inv_world, int64_t n, float levels, int threads) {
-    int nt = ew_team(threads, n);
-#pragma omp parallel num_threads(nt)
-    {
+    int nc = ew_team(threads, n);
+#pragma omp parallel for schedule(static) num_threads(nc)
+    for (int c = 0; c < nc; c++) {
         int64_t lo, hi;
-        ew_chunk(n, 64, omp_get_thread_num(), nt, &lo, &hi);
+        ew_chunk(n, 64, c, nc, &lo, &hi);
         float acc[EW_BLOCK];
         for (int64_t b0 = lo; b0 < hi; b0 += EW_BLOCK) {
             int64_t m = hi - b0 < EW_BLOCK ? hi - b0 : EW_BLOCK;
@@ -248,7 +244,8 @@ void gz_qsgd_accumulate(float *out, const int8_t *q, int64_t qrow, const float *
 
 /* --------------------------------------------------------------------------------------------- top-k */
 
-/* With g: x = e + g first, in the same sweep (x may be e). Indices and values of the entries with |x| >= thr,
+/* With g: x = e + g first, in the same sweep (x may be e). Indices and values of the entries with |x| >= thr
+ * or NaN,
  * in order; writes at most `cap` of them into idx and val (which hold cap + 1: the last slot is scratch for
  * branch-free writes) and returns how many there are (more than `cap`: the threshold was too low). One
  * thread: the sweep is memory-bound. */
@@ -262,7 +259,9 @@ int64_t gz_select_abs_ge(const float *e, const float *g, float *x, int64_t n, fl
         const __m256 sign = _mm256_set1_ps(-0.0f), t = _mm256_set1_ps(thr);
         for (; j + 8 <= b1; j += 8) {
             __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j));
-            int m = _mm256_movemask_ps(_mm256_cmp_ps(a, t, _CMP_GE_OQ));
+            /* "not less than": a NaN is a hit, and the caller hands the tensor to torch.topk (which ranks it
+             * first), so the C and torch paths send the same entries whatever the NaN policy. */
+            int m = _mm256_movemask_ps(_mm256_cmp_ps(a, t, _CMP_NLT_UQ));
             if (m) /* branch-free within the eight: a branch per hit would mispredict every loop exit */
                 for (int k = 0; k < 8; k++) {
                     int64_t slot = count < cap ? count : cap;
@@ -272,7 +271,7 @@ int64_t gz_select_abs_ge(const float *e, const float *g, float *x, int64_t n, fl
         }
 #endif
         for (; j < b1; j++)
-            if (fabsf(x[j]) >= thr) {
+            if (!(fabsf(x[j]) < thr)) {
                 if (count < cap) idx[count] = j, val[count] = x[j];
                 count++;
             }

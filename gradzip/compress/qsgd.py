@@ -34,7 +34,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def counter_uniforms(
     n: int, key: tuple[int | torch.Tensor, int | torch.Tensor], device: torch.device
 ) -> torch.Tensor:
-    """Element ``j``'s uniform in [0, 1) (24 random bits) under ``key``: ``_elementwise.c``'s ``ew_uniform``.
+    """Element ``j``'s uniform in [0, 1) (24 random bits) under ``key``: what ``_elementwise.c``'s ``ew_quantize_range`` draws.
     Keys may be ``[rows, 1]`` int64 tensors: one row of uniforms per key."""
     i = torch.arange(n, dtype=torch.int64, device=device)
     x = _mix((_mix((i & _M32) ^ key[0]) + ((i >> 32) ^ key[1])) & _M32)
@@ -60,7 +60,9 @@ class QSGD(Compressor):
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         k1, k2 = self._key()
         squares = kernels.square_sum(x)  # accumulated in float64, as the torch path below
-        if squares is not None:
+        # A non-finite norm (a NaN or an Inf under nan_policy="off") takes the torch path: the kernel's
+        # rounding assumes 0 <= |x| / norm <= 1.
+        if squares is not None and math.isfinite(squares):
             norm = torch.tensor([math.sqrt(squares)], dtype=torch.float32)
             q = kernels.qsgd_quantize(
                 x, max(float(norm[0]), torch.finfo(torch.float32).tiny), self.levels, (k1, k2)

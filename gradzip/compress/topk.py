@@ -69,6 +69,8 @@ def sampled_topk(
     count, candidates, values = found
     if count < k or count > candidates.numel():
         return None  # too few pass (the estimate was high), or too many to hold (it was low)
+    if bool(values.isnan().any()):
+        return None  # torch.topk ranks a NaN first (only under nan_policy="off": the screen zeroes them)
     return kernels.keep_top(candidates, values, k)
 
 

@@ -137,14 +137,15 @@ class ElementwiseReducer(Reducer):
         width = len(layout.specs) // nc if nc else 0
 
         def finish_gather(_: object) -> None:
+            # wait(), not value(): on CUDA it makes the current stream wait for the collective's.
             if gathered is not None:
-                views = layout.views(gathered.value())
+                views = layout.views(gathered.wait())
                 for j, i in enumerate(plan.compressed):
                     g = bucket.grads[i]
                     # Decoded one worker at a time straight into the gradient: no [world, numel] temporary.
                     comp.aggregate(views[j * width : (j + 1) * width], g.numel(), out=g.view(-1))
             if reduced is not None:
-                copy_raw(split_message(reduced.value(), plan.sizes))
+                copy_raw(split_message(reduced.wait(), plan.sizes))
 
         return self.defer(bucket, _all_of(gathered, reduced, bucket.buffer), finish_gather)
 

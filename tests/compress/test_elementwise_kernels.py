@@ -19,7 +19,7 @@ from gradzip.compress.topk import TopK, k_of
 SIZES = [0, 1, 7, 8, 9, 1001, 40_009, 300_007]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+@pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
 def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     previous = torch.get_num_threads()
     torch.set_num_threads(request.param)
@@ -83,7 +83,7 @@ def test_encode_and_residual_match_torch(
         assert got_residual.abs().max() <= sent
 
 
-@pytest.mark.parametrize("numel", [0, 1, 9, 1001, 40_009])
+@pytest.mark.parametrize("numel", [0, 1, 9, 1001, 140_009])  # the largest is split over threads
 @pytest.mark.parametrize("name", ["sign", "sign-vote", "qsgd"])
 def test_aggregate_matches_torch(
     name: str, numel: int, threads: int, monkeypatch: pytest.MonkeyPatch
@@ -169,3 +169,45 @@ def test_sampled_topk_falls_back_when_the_estimate_misses(monkeypatch: pytest.Mo
         found = topk.sampled_topk(x.clone(), k)
         assert (found is not None) == (margin == 1.5)
     assert len(calls) == 6
+
+
+def test_every_chunk_runs_when_the_runtime_grants_fewer_threads() -> None:
+    """The kernels loop over chunks rather than give one to each thread they ask for: with OpenMP limited to
+    one thread while torch asks for four, the result is still the whole tensor's (a fresh process, since the
+    limit is read when OpenMP starts)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from gradzip.compress import elementwise_kernels as k; torch.set_num_threads(4);"
+        "x = torch.randn(300_007, generator=torch.Generator().manual_seed(0));"
+        "total, bits = k.sign_pack(x);"
+        "assert abs(total - float(x.abs().sum(dtype=torch.float64))) < 1e-6 * total, total;"
+        "assert torch.equal(bits[:-1], k.sign_pack(x.clone())[1][:-1]);"
+        "print('ok')"
+    )
+    env = {**__import__("os").environ, "OMP_THREAD_LIMIT": "1", "OMP_DYNAMIC": "true"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_topk_with_a_nan_sends_what_torch_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under nan_policy="off" a NaN reaches the compressor: both paths rank it first (torch.topk's order)."""
+    x = torch.randn(300_007, generator=torch.Generator().manual_seed(2))
+    x[12345] = float("nan")
+    got, _ = TopK(0.01).encode(x.clone())
+    want, _ = torch_path(monkeypatch, lambda: TopK(0.01).encode(x.clone()))
+    assert 12345 in got[1].tolist() and 12345 in want[1].tolist()
+    assert set(got[1].tolist()) == set(want[1].tolist())
+
+
+def test_keep_top_breaks_ties_toward_the_lower_index() -> None:
+    values = torch.tensor([1.0, -3.0, 2.0, 3.0, -2.0, 2.0, 0.0, -0.0])
+    idx = torch.arange(8, dtype=torch.int64)
+    got_idx, got_val = elementwise_kernels.keep_top(idx.clone(), values.clone(), 4)
+    assert got_idx.tolist() == [1, 2, 3, 4]  # both 3s, then the first two of the three 2s
+    assert torch.equal(got_val, values[got_idx])
+    for k in range(9):  # every k, against a stable sort by magnitude
+        got_idx, _ = elementwise_kernels.keep_top(idx.clone(), values.clone(), k)
+        order = sorted(range(8), key=lambda i: (-abs(float(values[i])), i))[:k]
+        assert got_idx.tolist() == sorted(order)

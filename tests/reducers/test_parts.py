@@ -73,7 +73,7 @@ def test_batched_worker_pass_equals_a_part_at_a_time(name: str, parts: int) -> N
 
 
 @pytest.mark.parametrize("name", ["signsgd", "topk", "qsgd", "identity", "fp16"])
-def test_batched_rows_equal_rows_one_at_a_time(name: str) -> None:
+def test_batched_rows_equal_rows_one_at_a_time(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched torch form (what CUDA runs) against ``encode`` row by row (what the CPU runs): the same
     payload bits, residuals and decode."""
     x = torch.randn(6, 301, generator=torch.Generator().manual_seed(1))
@@ -89,6 +89,15 @@ def test_batched_rows_equal_rows_one_at_a_time(name: str) -> None:
     for a, b in zip(gp, wp, strict=True):
         assert a.shape == b.shape and torch.equal(a, b)
     assert torch.equal(gx, wx) and torch.equal(gd, wd)
+    # Decoding into [rows, m]: the batched form (one decode) against row by row.
+    c = codec(name, 6).compressor
+    rows = []
+    for batched in (True, False):
+        monkeypatch.setattr(c, "batch_rows", lambda x, b=batched: b)
+        out_rows = torch.full((6, 301), float("nan"))
+        c.decode_rows_into(out_rows, gp, streams, 3)
+        rows.append(out_rows)
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], gd)
 
 
 def test_every_part_shares_one_layout() -> None:

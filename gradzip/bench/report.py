@@ -19,6 +19,13 @@ def _ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _wire(measured: float | None, modelled: float | None) -> str:
+    """Measured wire bytes with the model's in brackets ("-" for what is not available)."""
+    if measured is None and modelled is None:
+        return "-"
+    return f"{format_bytes(measured)} ({format_bytes(modelled)})"
+
+
 def method_label(spec: dict[str, Any]) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted(spec["options"].items()))
     return f"{spec['method']}" + (f" ({opts})" if opts else "")
@@ -26,7 +33,11 @@ def method_label(spec: dict[str, Any]) -> str:
 
 def markdown(results: Sequence[dict[str, Any]]) -> str:
     """One row per configuration; times in ms (median, and p10-p90 spread over the measured iterations). The
-    DDP bucket size gets a column when it varies (a tensor-fusion sweep)."""
+    DDP bucket size gets a column when it varies (a tensor-fusion sweep).
+
+    Bytes are per worker per step: the payload handed to collectives (``CommStats``), then what crossed the
+    worker's link, measured, with the model's figure in brackets (``gradzip.bench.wire``). A group in which
+    a method beat the floor gets no ratios ("unreliable") and a note below the table saying why."""
     buckets = len({r["spec"]["bucket_cap_mb"] for r in results}) > 1
     rounds = len({r["spec"].get("round", 0) for r in results}) > 1
     head = (
@@ -34,9 +45,11 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         + (" bucket MB |" if buckets else "")
         + (" round |" if rounds else "")
         + " method | iteration ms (p10-p90) | vs floor | speed-up vs ssgd "
-        "| fwd+bwd | compress | comm wait | optimizer | sent/step | received/step | samples/s |"
+        "| fwd+bwd | compress | comm wait | optimizer | payload sent/step | payload received/step "
+        "| wire sent/step (model) | wire received/step (model) | samples/s |"
     )
-    lines = [head, "|" + "---|" * (15 + buckets + rounds)]
+    lines = [head, "|" + "---|" * (17 + buckets + rounds)]
+    unreliable: dict[str, str] = {}
     for r in results:
         s = r["spec"]
         where = (
@@ -46,16 +59,34 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             + f"| {method_label(s)} "
         )
         if "error" in r:
-            lines.append(where + f"| failed: {r['error']} |" + " |" * 9)
+            lines.append(where + f"| failed: {r['error']} |" + " |" * 11)
             continue
+        if r.get("unreliable"):
+            vs_floor = speedup = "unreliable"
+            unreliable[_group_label(s)] = r["unreliable"]
+        else:
+            vs_floor, speedup = _ratio(r.get("vs_floor")), _ratio(r.get("speedup_vs_ssgd"))
+        sent = _wire(r.get("wire_bytes_sent_per_step"), r.get("model_wire_bytes_sent_per_step"))
+        received = _wire(r.get("wire_bytes_received_per_step"), r.get("model_wire_bytes_received_per_step"))
         lines.append(
-            where
-            + f"| {_ms(r['median_s'])} ({_ms(r['p10_s'])}-{_ms(r['p90_s'])}) | {_ratio(r.get('vs_floor'))} "
-            f"| {_ratio(r.get('speedup_vs_ssgd'))} | {_ms(r['forward_backward_s'])} | {_ms(r['compress_s'])} "
-            f"| {_ms(r['wait_s'])} | {_ms(r['optimizer_s'])} | {format_bytes(r['bytes_sent_per_step'])} "
-            f"| {format_bytes(r['bytes_received_per_step'])} | {r['samples_per_s']:.0f} |"
+            where + f"| {_ms(r['median_s'])} ({_ms(r['p10_s'])}-{_ms(r['p90_s'])}) | {vs_floor} | {speedup} "
+            f"| {_ms(r['forward_backward_s'])} | {_ms(r['compress_s'])} | {_ms(r['wait_s'])} "
+            f"| {_ms(r['optimizer_s'])} | {format_bytes(r['bytes_sent_per_step'])} "
+            f"| {format_bytes(r['bytes_received_per_step'])} | {sent} | {received} | {r['samples_per_s']:.0f} |"
         )
+    if unreliable:
+        lines.append("\nUnreliable groups (their ratios are not shown):\n")
+        lines += [f"- {where}: {reason}" for where, reason in unreliable.items()]
     return "\n".join(lines) + "\n"
+
+
+def _group_label(spec: dict[str, Any]) -> str:
+    """A group of configurations (``runner.group_key``) in words."""
+    return (
+        f"{spec['model']}, {spec['workers']} workers, {spec['bandwidth']}"
+        + (f" +{spec['latency']}" if spec.get("latency", "0ms") != "0ms" else "")
+        + f", batch {spec['batch_size']}, bucket {spec['bucket_cap_mb']:g} MB, round {spec.get('round', 0)}"
+    )
 
 
 def _config_key(spec: dict[str, Any]) -> str:
@@ -75,7 +106,8 @@ def median_rounds(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def across_rounds(results: Sequence[dict[str, Any]]) -> str:
     """The spread between rounds (``--rounds``): per configuration, the median and range over rounds of its
-    iteration time, its ratio to the floor and its speed-up over ssgd (each from its own round)."""
+    iteration time, its ratio to the floor and its speed-up over ssgd (each from its own round). Ratios
+    leave out unreliable rounds (a method beat the floor there), and say how many they left out."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         if "median_s" in r:
@@ -93,11 +125,17 @@ def across_rounds(results: Sequence[dict[str, Any]]) -> str:
 
     for rs in by.values():
         s = rs[0]["spec"]
+        ok = [r for r in rs if not r.get("unreliable")]
+        left_out = len(rs) - len(ok)
+        note = "" if not left_out else f" ({left_out} of {len(rs)} rounds unreliable)"
+
+        def ratio(key: str, rows: list[dict[str, Any]] = ok, note: str = note) -> str:
+            return spread([r.get(key) for r in rows], "{:.2f}x") + note if rows else "unreliable"
+
         lines.append(
             f"| {s['model']} | {s['workers']} | {s['bandwidth']} | {s['batch_size']} | {method_label(s)} "
             f"| {len(rs)} | {spread([1000 * r['median_s'] for r in rs], '{:.0f}')} "
-            f"| {spread([r.get('vs_floor') for r in rs], '{:.2f}x')} "
-            f"| {spread([r.get('speedup_vs_ssgd') for r in rs], '{:.2f}x')} |"
+            f"| {ratio('vs_floor')} | {ratio('speedup_vs_ssgd')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -148,6 +186,7 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                 for r in ok
                 if method_label(r["spec"]) == m
                 and r.get("speedup_vs_ssgd") is not None
+                and not r.get("unreliable")
                 and r["spec"]["bandwidth"] == bandwidths[0]
             ]
             if pts:
@@ -163,7 +202,7 @@ def plots(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     # Breakdown for the most communication-bound group: the one where ssgd is furthest from the floor.
     bound = max(
-        (r for r in ok if r["spec"]["method"] == "ssgd" and r.get("vs_floor")),
+        (r for r in ok if r["spec"]["method"] == "ssgd" and r.get("vs_floor") and not r.get("unreliable")),
         key=lambda r: r["vs_floor"],
         default=None,
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradzip.bench.wire import LINK_ENV
 from gradzip.bench.worker import RIVALS, BenchSpec, Measurement
 from gradzip.registry import get_spec, make_config
 from gradzip.registry import methods as registry_methods
@@ -158,17 +159,74 @@ def group_key(spec: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def add_references(results: list[dict[str, Any]]) -> None:
-    """Speed-up over ssgd and distance to the floor, from the same group of the same run."""
-    refs: dict[tuple[Any, ...], dict[str, float]] = {}
+    """Speed-up over ssgd and distance to the floor, from the same group of the same run.
+
+    No method can beat the floor (the same work with communication switched off). A method whose p90 is
+    below the floor's p10 did, beyond the spread of both: then the group's timings do not measure the
+    methods, and every row of the group gets ``"unreliable": "<reason and likely cause>"`` (the table prints
+    no ratio for it). Recomputed from scratch on every call, as results arrive."""
+    refs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in results:
         if "median_s" in r and r["spec"]["method"] in ("floor", "ssgd"):
-            refs.setdefault(group_key(r["spec"]), {})[r["spec"]["method"]] = r["median_s"]
+            refs.setdefault(group_key(r["spec"]), {})[r["spec"]["method"]] = r
     for r in results:
+        r.pop("unreliable", None)
         if "median_s" not in r:
             continue
         ref = refs.get(group_key(r["spec"]), {})
-        r["speedup_vs_ssgd"] = ref["ssgd"] / r["median_s"] if "ssgd" in ref else None
-        r["vs_floor"] = r["median_s"] / ref["floor"] if "floor" in ref else None
+        r["speedup_vs_ssgd"] = ref["ssgd"]["median_s"] / r["median_s"] if "ssgd" in ref else None
+        r["vs_floor"] = r["median_s"] / ref["floor"]["median_s"] if "floor" in ref else None
+    for key, ref in refs.items():
+        floor = ref.get("floor")
+        if floor is None:
+            continue
+        group = [r for r in results if "median_s" in r and group_key(r["spec"]) == key]
+        beaten = [r for r in group if r is not floor and _p(r, "p90_s") < _p(floor, "p10_s")]
+        if beaten:
+            fastest = min(beaten, key=lambda r: _p(r, "p90_s"))
+            reason = unreliable_reason(fastest, floor)
+            for r in group:
+                r["unreliable"] = reason
+
+
+def _p(result: dict[str, Any], key: str) -> float:
+    value = result.get(key)
+    return float(result["median_s"] if value is None else value)
+
+
+def unreliable_reason(fast: dict[str, Any], floor: dict[str, Any]) -> str:
+    """Why a group whose ``fast`` row beat its ``floor`` row is not comparable, with the likely cause: the
+    threads per worker against the cores it may use and the processes on its host (the result's ``cpu``)."""
+    spec = fast["spec"]
+    opts = ",".join(f"{k}={v}" for k, v in sorted(spec.get("options", {}).items()))
+    name = spec["method"] + (f" ({opts})" if opts else "")
+    what = (
+        f"{name} beat the floor beyond the spread (p90 {1000 * _p(fast, 'p90_s'):.0f} ms < the floor's p10 "
+        f"{1000 * _p(floor, 'p10_s'):.0f} ms), which no method can do: this group's times are not comparable"
+    )
+    cpu = floor.get("cpu") or fast.get("cpu") or {}
+    threads = max((t for t in cpu.get("threads", []) if t), default=None)
+    cores = min((c for c in cpu.get("cores", []) if c), default=None)
+    local = max((p for p in cpu.get("processes_on_host", []) if p), default=None)
+    if threads is None or cores is None:
+        return f"{what}; likely cause: CPU contention (threads per worker and cores not recorded)"
+    busy = threads * (local or 1)
+    facts = (
+        f"{threads} thread(s) per worker, {cores} usable core(s), "
+        + (f"{local} process(es) per host" if local else "processes per host unknown")
+        + (f", {cpu['machine_cores']} core(s) on this machine" if cpu.get("machine_cores") else "")
+    )
+    if busy > cores:
+        cause = (
+            f"the processes sharing a host run {busy} busy threads on {cores} cores, which preempt each other"
+        )
+    else:
+        cause = (
+            "the workers' threads fit their hosts' cores, so the hosts likely share cores (emulated hosts on "
+            "one machine, or a busy machine): while the floor computes on every host at once the cores are "
+            "oversubscribed, and a method that waits on the network leaves its cores to the others"
+        )
+    return f"{what}; likely cause: {cause} ({facts})"
 
 
 def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, log_dir: Path) -> str | None:
@@ -183,8 +241,9 @@ def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, 
     failed: int | None = None
     try:
         for rank in range(workers):
+            namespaced = cluster.hosts[rank].netns is not None
             env = dict(
-                os.environ,
+                {k: v for k, v in os.environ.items() if k != LINK_ENV},
                 RANK=str(rank),
                 WORLD_SIZE=str(workers),
                 LOCAL_RANK=str(rank),
@@ -195,8 +254,10 @@ def run_in_cluster(cluster: Any, workers: int, argv: list[str], timeout: float, 
                 # Always set, never inherited: gloo must use the emulated link inside a namespace and
                 # loopback outside one. Left to choose, it may bind the machine's own network interface,
                 # and no traffic of ours may leave our namespaces.
-                GLOO_SOCKET_IFNAME="eth0" if cluster.hosts[rank].netns is not None else "lo",
+                GLOO_SOCKET_IFNAME="eth0" if namespaced else "lo",
             )
+            if namespaced:  # the worker's own link, whose counters are its traffic alone (bench.wire)
+                env[LINK_ENV] = "eth0"
             log = open(log_dir / f"rank{rank}-{port}.log", "w+")  # noqa: SIM115 (closed below)
             logs.append(log)
             procs.append(
@@ -311,7 +372,8 @@ def _run_spec_with_torchrun(spec: BenchSpec, rank: int, world: int, out: Path) -
     dist.broadcast_object_list(box, src=0)
     # A rendezvous of the configuration's own, on a fresh port: not the torchrun agent's store, which the
     # worker would otherwise join as a client (TORCHELASTIC_USE_AGENT_STORE) and wait on forever.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    # No link of the worker's own either: a real network interface carries every process's traffic.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_") and k != LINK_ENV}
     env["MASTER_PORT"] = str(box[0])
     argv = [sys.executable, "-m", "gradzip.bench.worker", json.dumps(dataclasses.asdict(spec)), str(out)]
     try:

@@ -7,6 +7,10 @@ and reports the loop's timing in parts: forward+backward, compression, communica
 A gradzip hook reports how long it computed and how long it was blocked on collectives, which splits backward
 into compute, compression and communication wait; the parameter-server and gossip exchanges are timed where
 they run, after backward and after the optimizer.
+
+Over the measured iterations only (after the warm-up, before the results' exchange), it also reads its link's
+counters where it has a link of its own (``gradzip.bench.wire``), and beside them states the model of the
+same traffic from the collectives its method counted.
 """
 
 # No `from __future__ import annotations`: DDP checks the floor hook's annotations as real objects.
@@ -25,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gradzip.bench import wire
+from gradzip.comm.collectives import CommStats
 from gradzip.integrations.paramserver import serve
 from gradzip.registry import family, make_config, servers_needed
 from gradzip.train.env import threads_per_worker
@@ -178,17 +184,63 @@ def _measure(
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, input_shape, 10).to(device)
     ex = exchange(spec, model, device, group)
-    result = run_steps(ex, itertools.repeat((x, y), spec.warmup + spec.iters), device)
+    link = wire.link_from_env()
+    result = run_steps(ex, itertools.repeat((x, y), spec.warmup), device)
+    # The measured window: these readings cost no collective and well under a millisecond, so they neither
+    # add traffic nor hold the other workers up.
+    stats_before = ex.stats.to_dict() if ex.stats is not None else None
+    link_before = wire.read_link(link) if link else None
+    result = run_steps(ex, itertools.repeat((x, y), spec.iters), device, result=result)
+    link_after = wire.read_link(link) if link else None
+    mine = _traffic(spec, world, ex.stats, stats_before, link_before, link_after)
     ex.close()  # the servers return once every worker has closed
     everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, result.records[spec.warmup :], group=group)
+    dist.all_gather_object(everyone, (result.records[spec.warmup :], mine), group=group)
     if rank != 0:
         return None
-    return summarize(spec, everyone)
+    return summarize(spec, [r for r, _ in everyone], [w for _, w in everyone])
 
 
-def summarize(spec: BenchSpec, per_rank: list[list[StepRecord]]) -> dict[str, Any]:
-    """An iteration lasts as long as its slowest worker; parts and bytes are averaged over workers."""
+def _traffic(
+    spec: BenchSpec,
+    world: int,
+    stats: CommStats | None,
+    stats_before: dict[str, int] | None,
+    link_before: wire.LinkCounters | None,
+    link_after: wire.LinkCounters | None,
+) -> dict[str, Any]:
+    """This worker's measured and modelled wire bytes per measured step, and what it may run on: ``sent``
+    and ``received`` (None without a link of its own), ``model_sent``, ``model_received`` and ``payload``
+    (None without gradzip's counters), ``threads`` (torch's intra-op threads), ``cores`` (the cores this
+    process may run on) and ``processes_on_host`` (``LOCAL_WORLD_SIZE``, None when not set)."""
+    out: dict[str, Any] = dict.fromkeys(("sent", "received", "model_sent", "model_received", "payload"))
+    steps = max(1, spec.iters)
+    if link_before is not None and link_after is not None:
+        sent, received = wire.wire_bytes(link_before, link_after)
+        out.update(sent=sent / steps, received=received / steps)
+    if stats is not None and stats_before is not None:
+        modelled = wire.model(wire.stats_between(stats_before, stats), world, steps)
+        out.update(
+            model_sent=modelled["sent"], model_received=modelled["received"], payload=modelled["payload"]
+        )
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    out.update(
+        threads=torch.get_num_threads(),
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        processes_on_host=int(local) if local and local.isdigit() else None,
+    )
+    return out
+
+
+def summarize(
+    spec: BenchSpec, per_rank: list[list[StepRecord]], traffic: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """An iteration lasts as long as its slowest worker; parts and bytes are averaged over workers.
+
+    ``traffic`` is each worker's ``_traffic``: its wire bytes become the result's ``wire_*``,
+    ``model_wire_*`` and ``ring_bytes_per_step`` fields (per worker per step, means over workers; None where
+    not available), and its CPU facts the ``cpu`` field: ``{"threads": [...], "cores": [...],
+    "processes_on_host": [...]}``, one entry per worker, with the machine's ``machine_cores``."""
     iters = [max(r[i].time for r in per_rank) for i in range(len(per_rank[0]))]
     med = statistics.median(iters)
 
@@ -214,6 +266,13 @@ def summarize(spec: BenchSpec, per_rank: list[list[StepRecord]]) -> dict[str, An
         "optimizer_s": parts["optimizer"],
         "bytes_sent_per_step": part("bytes_sent"),
         "bytes_received_per_step": part("bytes_received"),
+        **wire.summary(traffic or []),
+        "cpu": {
+            "threads": [t.get("threads") for t in traffic or []],
+            "cores": [t.get("cores") for t in traffic or []],
+            "processes_on_host": [t.get("processes_on_host") for t in traffic or []],
+            "machine_cores": os.cpu_count(),
+        },
     }
     if spec.method == "torch-powersgd":
         out["note"] = "torch powerSGD_hook: one DDP bucket (it fails on gloo with more); no byte counters"

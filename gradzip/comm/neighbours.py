@@ -79,6 +79,10 @@ class NeighbourExchange:
             self.stats.collectives += 1
             self.stats.bytes_sent += sends[peer].nbytes
             self.stats.bytes_received += recvs[peer].nbytes
+            self.stats.p2p_bytes_sent += sends[peer].nbytes
+            self.stats.p2p_bytes_received += recvs[peer].nbytes
+            self.stats.p2p_sends += 1
+            self.stats.p2p_recvs += 1
             views = layouts[peer].views(recvs[peer])
             received[peer] = [v.view(t.shape) for v, t in zip(views, outgoing[peer], strict=True)]
         return received

@@ -55,6 +55,10 @@ class Exchange:
 
     in_backward = False
     """Whether the exchange's work runs inside backward (a DDP hook): the loop takes it out of the compute."""
+    reference = "sent"
+    """How the uncompressed reference (``stats.bytes_uncompressed``) would travel, for the compression ratio
+    (``summary.ring_bytes``): ``"sent"``, point-to-point and moved as counted (the parameter servers' fp32
+    push, gossip's D-PSGD messages), or ``"all_reduce"``, a plain fp32 all-reduce (the DDP-hook methods)."""
 
     def __init__(
         self,
@@ -137,6 +141,7 @@ class HookExchange(Exchange):
     a hook that is not gradzip's, whose work then goes unmeasured)."""
 
     in_backward = True
+    reference = "all_reduce"
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradzip.comm.collectives import CommStats, ring_all_reduce_bytes
 from gradzip.train.records import EvalRecord, StepRecord
 from gradzip.util import format_bytes
 
@@ -147,14 +148,38 @@ class RunSummary:
     history: list[StepRecord] = field(default_factory=list)
     """Per step: rank 0's time and bytes, the loss averaged over the workers whose step went ahead (NaN, and
     null in the JSON, for a step every worker skipped)."""
+    ring_bytes_per_step: float | None = None
+    """What ring algorithms move out of each worker per step for its collectives (``CommStats.ring_bytes``:
+    an all-reduce of B bytes ``2(n-1)/n·B``, an all-gather of a B-byte payload ``(n-1)·B``, all-to-all and
+    point-to-point as sent), averaged over the workers; None where not counted."""
+    ring_bytes_uncompressed_per_step: float | None = None
+    """The same for the uncompressed reference: a ring all-reduce of the fp32 gradients (``2(n-1)/n`` of
+    ``bytes_uncompressed_per_step``) for the DDP-hook methods; the parameter servers' fp32 push and gossip's
+    D-PSGD messages as sent."""
 
     @property
     def compression_ratio(self) -> float | None:
-        """``bytes_uncompressed_per_step / bytes_sent_per_step``, both averaged over the workers: what they
-        handed to their collectives against a plain fp32 all-reduce of the same gradients (None when nothing
-        was sent)."""
-        if self.bytes_sent_per_step <= 0:
+        """``ring_bytes_uncompressed_per_step / ring_bytes_per_step``: the bytes a ring algorithm moves per
+        worker for the uncompressed reference (ssgd's fp32 all-reduce for the DDP-hook methods) against those
+        it moves for the method, both averaged over the workers. None when either is unknown or nothing was
+        sent.
+
+        Not the payload ratio (:attr:`payload_compression_ratio`): an all-gather hands one payload to the
+        collective but moves ``n-1`` of them through every worker, where a ring all-reduce moves ``2(n-1)/n``
+        of its tensor. At 8 workers Sign-SGD hands over 1/32 of the gradient (32x in payload), but its ring
+        moves 7/32 of it against ssgd's 14/8: 8x. At 2 workers both ratios agree."""
+        ring, reference = self.ring_bytes_per_step, self.ring_bytes_uncompressed_per_step
+        if ring is None or reference is None or ring <= 0:
             return None  # rather than inf: JSON has no infinity
+        return reference / ring
+
+    @property
+    def payload_compression_ratio(self) -> float | None:
+        """``bytes_uncompressed_per_step / bytes_sent_per_step``: the bytes handed to the collectives against
+        the reference's (one copy of the payload each, whatever the collective moves; None when nothing was
+        sent)."""
+        if self.bytes_sent_per_step <= 0:
+            return None
         return self.bytes_uncompressed_per_step / self.bytes_sent_per_step
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +191,7 @@ class RunSummary:
         }
         out["options"] = dict(self.options)
         out["compression_ratio"] = self.compression_ratio
+        out["payload_compression_ratio"] = self.payload_compression_ratio
         out["accuracy_history"] = [dataclasses.asdict(e) for e in self.accuracy_history]
         if self.target is not None:  # "not reached" stays in as None
             out.update(dataclasses.asdict(self.target))
@@ -183,7 +209,6 @@ class RunSummary:
 
     def rows(self) -> list[tuple[str, str]]:
         """The human summary, one (label, text) per line."""
-        ratio = self.compression_ratio
         options = ", ".join(f"{k}={v}" for k, v in self.options.items()) or "none"
         rows = [
             ("method", f"{self.method} ({options})"),
@@ -193,8 +218,8 @@ class RunSummary:
             ("final train loss", f"{self.final_loss:.4f}"),
             ("test accuracy", f"{100 * self.test_accuracy:.2f}%"),
             ("time per step", f"{1000 * self.time_per_step_s:.2f} ms (median)"),
-            ("sent per step", f"{format_bytes(self.bytes_sent_per_step)} per worker"),
-            ("compression vs ssgd", "n/a (nothing sent)" if ratio is None else f"{ratio:.1f}x"),
+            ("sent per step", self._sent_text()),
+            ("compression vs ssgd", self._compression_text()),
             (
                 "params identical",
                 "yes"
@@ -227,6 +252,40 @@ class RunSummary:
             rows.append((f"time to {100 * self.target.target_accuracy:.0f}%", reached))
         return rows
 
+    def _sent_text(self) -> str:
+        sent, ring = self.bytes_sent_per_step, self.ring_bytes_per_step
+        text = f"{format_bytes(sent)} per worker"
+        if ring is None or abs(ring - sent) <= 0.01 * max(ring, sent):
+            return text
+        return f"{text} handed to collectives; a ring moves {format_bytes(ring)} through each worker"
+
+    def _compression_text(self) -> str:
+        ring, payload = self.compression_ratio, self.payload_compression_ratio
+        if ring is None:
+            return (
+                "n/a (nothing sent)"
+                if payload is None
+                else f"{payload:.1f}x in payload handed to collectives"
+            )
+        if payload is None or abs(payload - ring) <= 0.01 * ring:
+            return f"{ring:.1f}x"
+        # They differ for all-gathers: say which is which.
+        return (
+            f"{ring:.1f}x in bytes moved per worker (ring); {payload:.1f}x in payload handed to collectives"
+        )
+
+
+def ring_bytes(stats: CommStats, world: int, reference: str) -> tuple[float, float]:
+    """This worker's ring bytes (``CommStats.ring_bytes``) and its uncompressed reference's, given how the
+    reference travels: ``"all_reduce"`` (a plain fp32 all-reduce of ``bytes_uncompressed``) or ``"sent"``
+    (point-to-point, moved as counted)."""
+    if reference not in ("all_reduce", "sent"):
+        raise ValueError(f"reference={reference!r} is invalid: use 'all_reduce' or 'sent'")
+    uncompressed = stats.bytes_uncompressed
+    return stats.ring_bytes(world), (
+        ring_all_reduce_bytes(uncompressed, world) if reference == "all_reduce" else float(uncompressed)
+    )
+
 
 def final_loss(losses: list[float]) -> float:
     """The mean of the last ``FINAL_LOSS_WINDOW`` losses that are numbers (skipped steps have none)."""
@@ -245,13 +304,15 @@ def median_step_time(records: list[StepRecord]) -> float:
 
 def reduce_metrics(
     records: list[StepRecord],
-    stats: Any,
+    stats: CommStats,
     device: torch.device,
     group: dist.ProcessGroup | None = None,
+    reference: str = "all_reduce",
 ) -> tuple[list[float], list[float], list[float]]:
     """After the timed loop: the per-step losses averaged over the workers whose step went ahead (NaN where
-    none did), the mean bytes sent, received and uncompressed per worker per step, and each worker's training
-    time.
+    none did); the mean bytes sent, received and uncompressed, and the ring bytes of the method and of its
+    uncompressed reference (:func:`ring_bytes`, ``reference`` as there), per worker per step; and each
+    worker's training time.
 
     One collective each after the loop rather than one per step. NCCL only reduces CUDA tensors: metrics
     travel on the training device and come back."""
@@ -263,16 +324,24 @@ def reduce_metrics(
     ).reshape(-1, 2)
     sums = sums.to(device)
     dist.all_reduce(sums, group=group)
+    ring, ring_uncompressed = ring_bytes(stats, world, reference)
     mine = torch.tensor(
-        [stats.bytes_sent, stats.bytes_received, stats.bytes_uncompressed, sum(r.time for r in records)],
+        [
+            stats.bytes_sent,
+            stats.bytes_received,
+            stats.bytes_uncompressed,
+            ring,
+            ring_uncompressed,
+            sum(r.time for r in records),
+        ],
         dtype=torch.float64,
         device=device,
     )
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    totals = torch.stack(every).sum(0).cpu()[:3] / (world * n_steps)
+    totals = torch.stack(every).sum(0).cpu()[:5] / (world * n_steps)
     losses = [total / count if count else math.nan for total, count in sums.cpu().tolist()]
-    return losses, [float(v) for v in totals], [float(t[3]) for t in every]
+    return losses, [float(v) for v in totals], [float(t[5]) for t in every]
 
 
 def _params_checksum(model: nn.Module) -> torch.Tensor:

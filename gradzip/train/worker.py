@@ -270,14 +270,17 @@ def summarize(
     """The run's summary on rank 0 (None elsewhere), from the loop's records and the collectives after it,
     in the same order on every worker."""
     ex.close()
-    losses, totals, worker_train_time_s = reduce_metrics(result.records, ex.stats, device, ex.group)
+    assert ex.stats is not None  # every registry method counts its traffic
+    losses, totals, worker_train_time_s = reduce_metrics(
+        result.records, ex.stats, device, ex.group, ex.reference
+    )
     # Not identical is the normal case for gossip: the models agree only up to the consensus distance.
     params_identical, params_max_abs_diff = params_agreement(ex.model, device, ex.group)
     accuracy, section = ex.report(lambda m: evaluate(m, data.x_test, data.y_test, device))
     if accuracy is None:
         return None
     n_steps = len(result.records)
-    bytes_sent, bytes_received, bytes_uncompressed = totals
+    bytes_sent, bytes_received, bytes_uncompressed, ring, ring_uncompressed = totals
     history = [dataclasses.replace(r, loss=loss) for r, loss in zip(result.records, losses, strict=True)]
     return RunSummary(
         method=cfg.method,
@@ -300,6 +303,8 @@ def summarize(
         bytes_sent_per_step=bytes_sent,
         bytes_received_per_step=bytes_received,
         bytes_uncompressed_per_step=bytes_uncompressed,
+        ring_bytes_per_step=ring,
+        ring_bytes_uncompressed_per_step=ring_uncompressed,
         params_identical=params_identical,
         params_max_abs_diff=params_max_abs_diff,
         worker_train_time_s=worker_train_time_s,

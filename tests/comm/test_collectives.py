@@ -22,3 +22,23 @@ def test_a_world_of_one_returns_what_one_worker_would_and_counts_it() -> None:
     assert (comm.stats.bytes_sent, comm.stats.bytes_received) == (24 + 24, 24)
     assert [op for op, _, _ in comm.trace] == ["all_reduce", "all_gather", "all_to_all"]
     assert (comm.world, comm.rank) == (1, 0)
+
+
+def test_each_collective_is_counted_by_kind_and_ring_bytes_follow_each_algorithm() -> None:
+    comm = SoloComm()
+    comm.world = 4  # counted as a worker of 4 counts; the transport stays the world of one
+    comm.all_reduce(torch.zeros(100))  # 400 B
+    comm.all_gather(torch.zeros(10))  # 40 B
+    comm.all_to_all(torch.zeros(4, 5))  # rows of 20 B, 3 of them leave
+    comm.vote_nonfinite(False, torch.device("cpu"))
+    s = comm.stats
+    assert (s.all_reduce_bytes, s.all_reduce_calls, s.all_gather_bytes, s.all_gather_calls) == (400, 1, 40, 1)
+    assert (s.all_to_all_bytes, s.all_to_all_calls, s.votes) == (60, 1, 1)
+    # The payload counts split by kind add up to bytes_sent; the vote is in none of them.
+    assert s.bytes_sent == s.all_reduce_bytes + s.all_gather_bytes + s.all_to_all_bytes == 500
+    assert s.collectives == 3
+    # A ring all-reduce moves 2(n-1)/n of its tensor, a ring all-gather n-1 payloads, all-to-all as sent.
+    assert s.ring_bytes(4) == 2 * 3 / 4 * 400 + 3 * 40 + 60
+    assert s.ring_bytes(1) == 60  # one worker: the rings move nothing
+    assert set(s.to_dict()) >= {"all_reduce_bytes", "p2p_bytes_sent", "votes"}
+    assert all(isinstance(v, int) for v in s.to_dict().values())  # checkpoints restore them as ints

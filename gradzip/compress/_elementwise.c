@@ -179,11 +179,12 @@ static inline uint32_t ew_mix(uint32_t x) {
     return (x >> 16) ^ x;
 }
 
-/* q[j] = sign(x[j]) * level[j] for j in [lo, hi): a = |x[j]| / norm * levels, level = floor(a) + (u_j < a -
- * floor(a)). The caller passes a finite norm, so 0 <= a <= levels. A plain function over a range with
+/* q[j] = sign(x[j]) * level[j] for j in [lo, hi): a = |x[j]| * scale (scale = levels / norm, a multiply where
+ * a division per element would bound the sweep), level = floor(a) + (u_j < a - floor(a)). The caller passes
+ * a finite norm, so 0 <= a <= levels (up to rounding). A plain function over a range with
  * restrict pointers and a 32-bit counter, so that GCC vectorises it (8 hashes per AVX2 instruction). */
-static void ew_quantize_range(const float *restrict x, int8_t *restrict q, int64_t lo, int64_t hi, float norm,
-                              float levels, uint32_t k1, uint32_t k2) {
+static void ew_quantize_range(const float *restrict x, int8_t *restrict q, int64_t lo, int64_t hi, float scale,
+                              uint32_t k1, uint32_t k2) {
     uint32_t hi32 = k2 ^ (uint32_t)((uint64_t)lo >> 32), base = (uint32_t)lo;
     for (int64_t j = lo, end = hi; j < end;) {
         /* Within a range the high half of the index is constant except across 2^32 boundaries. */
@@ -192,7 +193,7 @@ static void ew_quantize_range(const float *restrict x, int8_t *restrict q, int64
         int64_t m = stop - j;
         for (int64_t t = 0; t < m; t++) {
             float v = x[j + t];
-            float a = fabsf(v) / norm * levels;
+            float a = fabsf(v) * scale;
             /* floor(a) for 0 <= a <= levels (|x| <= norm), as a conversion: GCC vectorises it, not floorf. */
             float f = (float)(int32_t)a;
             /* Element i's uniform under key (k1, k2): mix(mix(low32(i) ^ k1) + (k2 ^ high32(i))) >> 8, 24 bits. */
@@ -208,14 +209,13 @@ static void ew_quantize_range(const float *restrict x, int8_t *restrict q, int64
     }
 }
 
-void gz_qsgd_quantize(const float *x, int8_t *q, int64_t n, float norm, float levels, uint32_t k1, uint32_t k2,
-                      int threads) {
+void gz_qsgd_quantize(const float *x, int8_t *q, int64_t n, float scale, uint32_t k1, uint32_t k2, int threads) {
     int nc = ew_team(threads, n);
 #pragma omp parallel for schedule(static) num_threads(nc)
     for (int c = 0; c < nc; c++) {
         int64_t lo, hi;
         ew_chunk(n, 64, c, nc, &lo, &hi);
-        ew_quantize_range(x, q, lo, hi, norm, levels, k1, k2);
+        ew_quantize_range(x, q, lo, hi, scale, k1, k2);
     }
 }
 

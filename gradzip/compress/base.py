@@ -26,6 +26,9 @@ class Capabilities:
     """Every worker must draw the same random numbers (seed identically)."""
     unbiased: bool = False
     """E[decode(encode(x))] = x, so error feedback is optional."""
+    reveals_nonfinite: bool = False
+    """A NaN or an Inf in the input always shows in the payload's float tensors (a scale, a norm, the values
+    sent): checking those few numbers screens the input (``payload_nonfinite``)."""
 
 
 class Compressor:
@@ -88,6 +91,11 @@ class Compressor:
     def payload_spec(self, numel: int) -> list[tuple[torch.dtype, int]]:
         """Dtype and element count of each payload tensor for a tensor of ``numel`` elements."""
         raise NotImplementedError
+
+    def payload_nonfinite(self, payload: list[torch.Tensor]) -> bool:
+        """Whether the payload's float tensors hold a NaN or an Inf: for a compressor that
+        ``reveals_nonfinite``, whether its input did (read on the CPU; a few numbers for sign, QSGD, top-k)."""
+        return any(bool(~torch.isfinite(p.sum())) for p in payload if p.is_floating_point())
 
     def payload_nbytes(self, numel: int) -> int:
         return sum(dtype.itemsize * count for dtype, count in self.payload_spec(numel))

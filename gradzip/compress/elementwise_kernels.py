@@ -120,12 +120,13 @@ def square_sum(x: torch.Tensor) -> float | None:
     return float(lib.gz_square_sum(x.data_ptr(), x.numel(), _threads()))
 
 
-def qsgd_quantize(x: torch.Tensor, norm: float, levels: int, key: tuple[int, int]) -> torch.Tensor | None:
-    """QSGD's signed levels of ``x`` (int8), rounding with the counter-based uniforms of ``key``."""
+def qsgd_quantize(x: torch.Tensor, scale: float, key: tuple[int, int]) -> torch.Tensor | None:
+    """QSGD's signed levels of ``x`` (int8) for ``scale = levels / norm``, rounding with the counter-based
+    uniforms of ``key``."""
     if x.dtype != torch.float32 or (lib := _lib(x)) is None:
         return None
     q = torch.empty(x.numel(), dtype=torch.int8)
-    lib.gz_qsgd_quantize(x.data_ptr(), q.data_ptr(), x.numel(), norm, float(levels), *key, _threads())
+    lib.gz_qsgd_quantize(x.data_ptr(), q.data_ptr(), x.numel(), scale, *key, _threads())
     return q
 
 

@@ -1,6 +1,7 @@
 """QSGD (Alistarh et al. 2017): unbiased stochastic rounding of ``|v_j| / |v|_2`` to ``s`` levels.
 
     a = |v_j| / |v|_2 * s;  l = floor(a);  level = l + 1 with probability a - l, else l
+    (computed as a = |v_j| * (s / |v|_2): one multiply per element)
     Q(v)_j = |v|_2 * sign(v_j) * level / s
 
 Sign and level travel together as one int8 (``levels <= 127``), plus one float for the norm.
@@ -43,7 +44,7 @@ def counter_uniforms(
 
 class QSGD(Compressor):
     name = "qsgd"
-    caps = Capabilities(summable=False, fixed_size=True, unbiased=True)
+    caps = Capabilities(summable=False, fixed_size=True, unbiased=True, reveals_nonfinite=True)  # the norm
 
     def __init__(self, levels: int, seed: int = 0) -> None:
         super().__init__(seed)
@@ -64,20 +65,23 @@ class QSGD(Compressor):
         # rounding assumes 0 <= |x| / norm <= 1.
         if squares is not None and math.isfinite(squares):
             norm = torch.tensor([math.sqrt(squares)], dtype=torch.float32)
-            q = kernels.qsgd_quantize(
-                x, max(float(norm[0]), torch.finfo(torch.float32).tiny), self.levels, (k1, k2)
-            )
+            q = kernels.qsgd_quantize(x, float(self._scale(norm)), (k1, k2))
             assert q is not None  # the same conditions as square_sum's
             return [norm, q], None
         norm = torch.linalg.vector_norm(x, dtype=torch.float64).to(torch.float32).reshape(1)
         return [norm, self._levels(x, norm, (k1, k2))], None
+
+    def _scale(self, norm: torch.Tensor) -> torch.Tensor:
+        """``levels / norm`` in float32 (a zero norm as the smallest normal float): ``a = |x| * scale``, one
+        multiply per element, in the kernel and in torch alike."""
+        return self.levels / norm.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _levels(
         self, x: torch.Tensor, norm: torch.Tensor, key: tuple[int | torch.Tensor, int | torch.Tensor]
     ) -> torch.Tensor:
         """The torch path of the rounding: signed levels of ``x`` (``[m]``, or ``[rows, m]`` with ``norm`` and
         the keys ``[rows, 1]``)."""
-        a = x.abs() / norm.clamp_min(torch.finfo(torch.float32).tiny) * self.levels
+        a = x.abs() * self._scale(norm)
         floor = a.floor()
         u = counter_uniforms(x.shape[-1], key, x.device)
         level = floor + (u < a - floor).to(torch.float32)

@@ -39,7 +39,7 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 class ScaledSign(Compressor):
     name = "sign"
-    caps = Capabilities(summable=False, fixed_size=True)
+    caps = Capabilities(summable=False, fixed_size=True, reveals_nonfinite=True)  # the scale
 
     def __init__(self, majority_vote: bool = False, seed: int = 0) -> None:
         super().__init__(seed)

@@ -95,7 +95,8 @@ def scatter_mean(
 
 class TopK(Compressor):
     name = "topk"
-    caps = Capabilities(summable=False, fixed_size=True)
+    # A NaN or an Inf is always among the k largest magnitudes sent.
+    caps = Capabilities(summable=False, fixed_size=True, reveals_nonfinite=True)
     sparsifies = True
 
     def __init__(self, density: float, seed: int = 0) -> None:

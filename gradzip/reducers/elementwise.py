@@ -17,6 +17,7 @@ import torch
 from torch.futures import Future
 
 from gradzip.comm.collectives import Comm
+from gradzip.comm.finite import first_nonfinite, nonfinite
 from gradzip.compress.base import Compressor, check_pairing, is_matrix_worth_it
 from gradzip.compress.feedback import ErrorFeedback, Staged, Velocity, encode_with_feedback
 from gradzip.compress.fusion import ByteLayout, split_message
@@ -90,6 +91,13 @@ class ElementwiseReducer(Reducer):
     def generators(self) -> list[torch.Generator]:
         return [self.compressor.generator]
 
+    def screens_itself(self, bucket: Bucket) -> bool:
+        # All-gather compressors whose payload shows a non-finite input (a sign scale, a QSGD norm, top-k's
+        # values) are screened by reading those few numbers, not the whole bucket first: one sweep less.
+        # On CUDA the bucket's screen stays on the device instead (reading a payload would synchronise).
+        caps = self.compressor.caps
+        return not caps.summable and caps.reveals_nonfinite and bucket.buffer.device.type == "cpu"
+
     def _with_momentum(self, bucket: Bucket, i: int) -> torch.Tensor:
         """The flat tensor to send for ``bucket.grads[i]``: the gradient, or its locally kept velocity."""
         return self.velocity(bucket.keys[i], bucket.grads[i].reshape(-1))
@@ -97,6 +105,7 @@ class ElementwiseReducer(Reducer):
     def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         plan: _Plan = self.plan(bucket, self._make_plan)
         comp, world = self.compressor, self.comm.world
+        screen = self.nan_policy != "off" and self.screens_itself(bucket)
         payloads: list[torch.Tensor] = []
         ctxs: list[Any] = []
         for i in plan.compressed:
@@ -109,6 +118,10 @@ class ElementwiseReducer(Reducer):
                 comp, p, bucket.keys[i], self.step, residual=self.ef is not None,
                 sent=u if self.velocity.momentum else None, compensate=add,
             )  # fmt: skip
+            if screen and comp.payload_nonfinite(payload):
+                self.found_nonfinite(repr(bucket.keys[i]))
+                for t in payload:  # zeros cross the wire instead; the staged state is dropped with the step
+                    t.zero_()
             payloads += payload
             ctxs.append(ctx)
         raw = [self._with_momentum(bucket, i) for i in plan.raw]
@@ -133,7 +146,13 @@ class ElementwiseReducer(Reducer):
         # not summable: all-gather the payloads, all-reduce the raw tensors (pre-divided: the sum is the mean)
         layout = plan.layout
         gathered = self.comm.all_gather(layout.pack(payloads, bucket.buffer.device)) if nc else None
-        reduced = self.comm.all_reduce(torch.cat(raw).div_(world)) if raw else None
+        reduced = None
+        if raw:
+            msg = torch.cat(raw)
+            if screen and bool(nonfinite(msg)):
+                self.found_nonfinite(first_nonfinite(raw, [bucket.keys[i] for i in plan.raw]))
+                msg.zero_()
+            reduced = self.comm.all_reduce(msg.div_(world))
         width = len(layout.specs) // nc if nc else 0
 
         def finish_gather(_: object) -> None:

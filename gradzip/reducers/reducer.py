@@ -127,9 +127,20 @@ class Reducer:
             self._bad, self._where, self.step_skipped = False, None, False
             changes = StepChanges(self.staged_state(), self.generators())
             self._changes = changes.begin(undoable=self.nan_policy == "skip")
-        if self.nan_policy != "off":
+        if self.nan_policy != "off" and not self.screens_itself(bucket):
             self._screen(bucket)
         return self.start(bucket)
+
+    def screens_itself(self, bucket: Bucket) -> bool:
+        """Whether ``start`` screens ``bucket`` for NaN and Inf itself, with a check folded into its own passes,
+        instead of ``launch`` reading the whole bucket first. It must then report what it finds
+        (``found_nonfinite``) and send zeros in place of anything non-finite."""
+        return False
+
+    def found_nonfinite(self, where: str | None) -> None:
+        """A method's own screen found a NaN or an Inf in this step's gradients (``where``: the parameter)."""
+        self._where = self._where or where
+        self._bad = True
 
     def start(self, bucket: Bucket) -> Future[torch.Tensor]:
         """The method's work on one bucket: issue its first collective, then ``defer`` the rest."""
@@ -144,9 +155,8 @@ class Reducer:
             buf.masked_fill_(bad, 0.0)
             self._bad = bad if isinstance(self._bad, bool) else self._bad | bad
         elif bool(bad):
-            self._where = self._where or first_nonfinite(bucket.grads, bucket.keys)
+            self.found_nonfinite(first_nonfinite(bucket.grads, bucket.keys))
             buf.zero_()
-            self._bad = True
 
     def compressing(self) -> bool:
         """Whether this step compresses (False: a warm-up step of plain all-reduce)."""

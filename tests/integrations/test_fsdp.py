@@ -19,7 +19,7 @@ from gradzip.train.loop import evaluate
 from gradzip.train.models import build_model
 from tests.distributed import differences, run_workers
 
-STEPS, BATCH = 600, 32
+STEPS, BATCH = 300, 32
 
 
 def _sharded(seed: int = 0) -> nn.Module:

@@ -29,6 +29,7 @@ class ByteLayout:
             self.offsets.append(off)
             off += -(-count * dtype.itemsize // _ALIGN) * _ALIGN
         self.nbytes = off
+        self._gaps_on: dict[torch.device, torch.Tensor] = {}
 
     def pack(self, tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
         buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
@@ -43,13 +44,12 @@ class ByteLayout:
 
     def _gaps(self, device: torch.device) -> torch.Tensor:
         """Byte positions of the padding: after each segment up to the next one's offset (cached per device)."""
-        cache: dict[torch.device, torch.Tensor] = self.__dict__.setdefault("_gap_cache", {})
-        gaps = cache.get(device)
+        gaps = self._gaps_on.get(device)
         if gaps is None:
             ends = [off + n * dt.itemsize for (dt, n), off in zip(self.specs, self.offsets, strict=True)]
             starts = [*self.offsets[1:], self.nbytes] if self.offsets else []
             positions = [i for a, b in zip(ends, starts, strict=True) for i in range(a, b)]
-            gaps = cache[device] = torch.tensor(positions, dtype=torch.long, device=device)
+            gaps = self._gaps_on[device] = torch.tensor(positions, dtype=torch.long, device=device)
         return gaps
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:

@@ -9,7 +9,19 @@ import torch
 from gradzip.compress.base import Capabilities, Compressor
 
 
-class Identity(Compressor):
+class _Cast(Compressor):
+    """A compressor whose ``encode`` is element-wise and draws nothing: one call serves every row."""
+
+    def batch_rows(self, x: torch.Tensor) -> bool:
+        return True
+
+    def _encode_rows_batched(
+        self, x: torch.Tensor, streams: list[str], step: int
+    ) -> tuple[list[torch.Tensor], Any]:
+        return self.encode(x)
+
+
+class Identity(_Cast):
     name = "identity"
     caps = Capabilities(summable=True, fixed_size=True, unbiased=True)
 
@@ -19,19 +31,11 @@ class Identity(Compressor):
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         return [x.clone()], None  # a payload never aliases its input: error feedback reuses that buffer
 
-    def batch_rows(self, x: torch.Tensor) -> bool:
-        return True  # encode is element-wise and draws nothing: one call serves every row
-
-    def _encode_rows_batched(
-        self, x: torch.Tensor, streams: list[str], step: int
-    ) -> tuple[list[torch.Tensor], Any]:
-        return self.encode(x)
-
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         return payload[0]
 
 
-class Half(Compressor):
+class Half(_Cast):
     name = "fp16"
     # A sum of halves is the half of the sum up to rounding: all-reduce it (the caller pre-divides by n).
     caps = Capabilities(summable=True, fixed_size=True)
@@ -41,14 +45,6 @@ class Half(Compressor):
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
         return [x.to(torch.float16)], None
-
-    def batch_rows(self, x: torch.Tensor) -> bool:
-        return True  # encode is element-wise and draws nothing: one call serves every row
-
-    def _encode_rows_batched(
-        self, x: torch.Tensor, streams: list[str], step: int
-    ) -> tuple[list[torch.Tensor], Any]:
-        return self.encode(x)
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         return payload[0].to(torch.float32)

@@ -102,8 +102,7 @@ class PartCodec:
         (``Compressor.encode_rows``) and written into the zeroed messages ``send`` (``[parts, width]``, one per
         part) with one strided copy per payload, where a part at a time cost parts x tensors small calls."""
         comp = self.compressor
-        us = [velocity(k, g.reshape(-1)) for k, g in zip(keys, grads, strict=True)]
-        vs = [ef.compensate(k, u) for k, u in zip(keys, us, strict=True)]
+        us, vs = self._compensated(ef, velocity, grads, keys)
         numels = tuple(v.numel() for v in vs)
         for t, (u, v, key) in enumerate(zip(us, vs, keys, strict=True)):
             for (rows, x), (_, umat) in zip(self.groups(v), self.groups(u), strict=True):
@@ -158,6 +157,14 @@ class PartCodec:
             out += payload
         return out
 
+    @staticmethod
+    def _compensated(
+        ef: ErrorFeedback, velocity: Velocity, grads: list[torch.Tensor], keys: list[str]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``u_i`` (the flat gradient, or its velocity) and ``v_i = u_i + d_i`` (in the residual's buffer)."""
+        us = [velocity(k, g.reshape(-1)) for k, g in zip(keys, grads, strict=True)]
+        return us, [ef.compensate(k, u) for k, u in zip(keys, us, strict=True)]
+
     def compress_worker(
         self,
         ef: ErrorFeedback,
@@ -170,8 +177,7 @@ class PartCodec:
         """The worker's half on every part: ``v_i = u_i + d_i`` (``u_i`` the gradient, or its velocity),
         formed in the residual's buffer; compressing each part turns it into ``d_i`` in place. Returns the
         payloads of each part."""
-        us = [velocity(k, g.reshape(-1)) for k, g in zip(keys, grads, strict=True)]
-        vs = [ef.compensate(k, u) for k, u in zip(keys, us, strict=True)]
+        us, vs = self._compensated(ef, velocity, grads, keys)
         out = []
         for j in range(self.parts):
             masks = [self.part_of(u, j) for u in us] if velocity.momentum else None

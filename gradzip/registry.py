@@ -195,6 +195,17 @@ def make_config(name: str, **options: Any) -> MethodConfig:
     return get_spec(name).config_cls.from_options(name, options)
 
 
+# Method options whose command-line flag is renamed because the plain name is a training flag already: the
+# compressor's seed is not the training seed.
+_RENAMED_FLAGS = {"seed": "compressor-seed"}
+
+
+def option_flag(option: str) -> str:
+    """The ``gradzip train`` flag of method option ``option`` (``momentum_correction`` ->
+    ``--momentum-correction``, ``seed`` -> ``--compressor-seed``); a bool's negation is ``--no-`` + the rest."""
+    return "--" + _RENAMED_FLAGS.get(option, option.replace("_", "-"))
+
+
 def family(name: str, options: dict[str, Any]) -> str:
     """How a run of method ``name`` with ``options`` trains: "hook" (DDP with a communication hook), "server"
     (dedicated parameter-server processes) or "gossip". DoubleSqueeze is a DDP hook in its sharded placement

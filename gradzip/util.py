@@ -3,13 +3,14 @@ free ports, output files."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def first_line(err: BaseException) -> str:
@@ -87,3 +88,20 @@ def is_failed_wait(text: str) -> bool:
     """Whether an error's text says a wait on another process failed (a consequence of a peer's trouble)."""
     lowered = text.lower()
     return any(word in lowered for word in _FAILED_WAIT)
+
+
+def comma_list(kind: Any) -> Any:
+    """An argparse ``type`` for a comma-separated list of ``kind`` (``int``, ``str``, or a converter that
+    raises ValueError or ArgumentTypeError): every item converted, blanks dropped, an empty list refused."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            name = getattr(kind, "__name__", "value")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {name}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+        return values
+
+    return parse

@@ -9,19 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gradzip.bench.runner import DEFAULT_METHODS, Grid
-from gradzip.util import check_writable
-
-
-def _list(kind: type) -> Any:
-    def parse(text: str) -> list[Any]:
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a comma-separated list of {kind.__name__}"
-            ) from None
-
-    return parse
+from gradzip.util import check_writable, comma_list
 
 
 def _join(values: list[Any]) -> str:
@@ -40,43 +28,43 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     )
     bench.add_argument(
         "--methods",
-        type=_list(str),
+        type=comma_list(str),
         default=",".join(DEFAULT_METHODS),
         help="comma-separated methods: registry names, floor, torch-powersgd, each with options as "
         "NAME:KEY=VALUE[:KEY=VALUE], e.g. doublesqueeze:placement=server:servers=2 or powergossip:topology=torus",
     )
     bench.add_argument(
         "--models",
-        type=_list(str),
+        type=comma_list(str),
         default=None,
         help=f"comma-separated models (default {','.join(g.models)}; with --time-to-accuracy, the first one "
         "replaces the default task's model)",
     )
     bench.add_argument(
-        "--workers", type=_list(int), default=_join(g.workers), help="comma-separated worker counts"
+        "--workers", type=comma_list(int), default=_join(g.workers), help="comma-separated worker counts"
     )
     bench.add_argument(
         "--bandwidth",
-        type=_list(str),
+        type=comma_list(str),
         default=",".join(g.bandwidths),
         help="comma-separated link bandwidths: 100mbit, 1gbit, 10gbit, unlimited (loopback), or e.g. 250mbit",
     )
     bench.add_argument("--latency", default=g.latency, help="one-way delay added to each link, e.g. 1ms")
     bench.add_argument(
         "--batch-size",
-        type=_list(int),
+        type=comma_list(int),
         default=_join(g.batch_sizes),
-        help="comma-separated batch sizes per worker",
+        help="comma-separated batch sizes per worker (with --time-to-accuracy, the first one)",
     )
     bench.add_argument(
         "--rank",
-        type=_list(int),
+        type=comma_list(int),
         default=_join(g.ranks),
         help="comma-separated ranks for the low-rank methods",
     )
     bench.add_argument(
         "--bucket-cap-mb",
-        type=_list(float),
+        type=comma_list(float),
         default=_join(g.bucket_caps_mb),
         help="comma-separated DDP bucket sizes (tensor fusion)",
     )
@@ -107,7 +95,7 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     )
     bench.add_argument(
         "--shapes",
-        type=_list(str),
+        type=comma_list(str),
         default="resnet50",
         help="comma-separated models whose gradient shapes --kernels runs over",
     )
@@ -123,8 +111,9 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     bench.add_argument(
         "--time-to-accuracy",
         action="store_true",
-        help="train the default task with each registry method of --methods on the first --workers value, "
-        "per --bandwidth, and report the training time until --target-accuracy",
+        help="train the default task (or --dataset with the first of --models) with each registry method of "
+        "--methods on the first --workers value, per --bandwidth, and report the training time until "
+        "--target-accuracy",
     )
     bench.add_argument(
         "--target-accuracy", type=float, default=0.95, help="test accuracy for --time-to-accuracy, in (0, 1]"
@@ -133,6 +122,18 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "--eval-every", type=int, default=10, help="steps between accuracy checks for --time-to-accuracy"
     )
     bench.add_argument("--steps", type=int, default=600, help="training steps per run for --time-to-accuracy")
+    bench.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset for --time-to-accuracy, as gradzip train's --dataset: an embedded name (digits, mnist1d) "
+        "or a local path (default: gradzip train's, digits)",
+    )
+    bench.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="SGD learning rate for --time-to-accuracy (default: gradzip train's)",
+    )
 
 
 def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
@@ -236,27 +237,49 @@ def _table(results: list[dict[str, Any]], rounds: int) -> str:
 def _time_to_accuracy(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     from gradzip.bench import accuracy
     from gradzip.bench.iproute import ClusterError
-    from gradzip.registry import methods
+    from gradzip.bench.runner import RIVALS, parse_method
 
-    # The floor and torch's hook do not train; the server placements need hosts beyond the workers.
-    chosen = [m for m in args.methods if m in methods("hook") + methods("gossip")]
     try:
+        # The floor and torch's hook do not train; a registry method may carry options (NAME:KEY=VALUE).
+        chosen = [m for m in args.methods if parse_method(m)[0] not in RIVALS]
         if not chosen:
             raise ValueError(f"no registry method in --methods {','.join(args.methods)}")
         if not 0.0 < args.target_accuracy <= 1.0:
             raise ValueError(f"--target-accuracy {args.target_accuracy} is invalid: it must be in (0, 1]")
         if args.eval_every < 1 or args.steps < 1:
             raise ValueError("--eval-every and --steps must be >= 1")
+        _check_task(args)
         _check_network(args)
     except (ValueError, ClusterError) as err:
         raise usage_error(str(err)) from None
     results = accuracy.run_time_to_accuracy(
         chosen, args.workers[0], args.bandwidth, args.out, target=args.target_accuracy,
         eval_every=args.eval_every, steps=args.steps, timeout=args.timeout, progress=not args.quiet,
-        latency=args.latency, model=args.models[0] if args.models else None,
+        latency=args.latency, model=args.models[0] if args.models else None, dataset=args.dataset,
+        lr=args.lr, batch_size=args.batch_size[0] if args.batch_size else None,
     )  # fmt: skip
     _write_outputs(args.out, "time_to_accuracy", accuracy.markdown(results), accuracy.plot(results, args.out))
     return 1 if all("error" in r for r in results) else 0
+
+
+def _check_task(args: argparse.Namespace) -> None:
+    """The training settings --time-to-accuracy passes on, checked as gradzip train checks them (the dataset
+    readable, the model able to take its samples), before any cluster is built."""
+    from gradzip.train.config import TrainConfig
+    from gradzip.train.preflight import preflight
+
+    given = {"model": args.models[0] if args.models else None, "dataset": args.dataset, "lr": args.lr}
+    batch = args.batch_size[0] if args.batch_size else None
+    preflight(
+        TrainConfig(
+            method="ssgd",
+            workers=args.workers[0],
+            backend="gloo",
+            steps=args.steps,
+            batch_size=batch or 32,
+            **{k: v for k, v in given.items() if v is not None},
+        )
+    )
 
 
 def _check_network(args: argparse.Namespace) -> None:

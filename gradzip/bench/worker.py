@@ -98,15 +98,24 @@ class BenchSpec(Measurement):
 
 
 def synthetic_batch(spec: BenchSpec) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """Random inputs of the model's kind: token ids for BERT, images of ``image_size`` otherwise."""
-    g = torch.Generator().manual_seed(spec.seed + 1 + int(os.environ.get("RANK", "0")))
-    if spec.model.startswith("bert"):
-        shape: tuple[int, ...] = (spec.seq_len,)
-        x = torch.randint(0, 30522, (spec.batch_size, spec.seq_len), generator=g)
+    """This worker's random batch of ``spec``'s model (:func:`random_batch`), seeded by its rank."""
+    seed = spec.seed + 1 + int(os.environ.get("RANK", "0"))
+    return random_batch(spec.model, spec.batch_size, spec.image_size, spec.seq_len, seed)
+
+
+def random_batch(
+    model: str, batch_size: int, image_size: int, seq_len: int, seed: int, num_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Random inputs of the model's kind (token ids for BERT, images of ``image_size`` otherwise), labels,
+    and the input shape without the batch dimension."""
+    g = torch.Generator().manual_seed(seed)
+    if model.startswith("bert"):
+        shape: tuple[int, ...] = (seq_len,)
+        x = torch.randint(0, 30522, (batch_size, seq_len), generator=g)
     else:
-        shape = (3, spec.image_size, spec.image_size)
-        x = torch.randn(spec.batch_size, *shape, generator=g)
-    return x, torch.randint(0, 10, (spec.batch_size,), generator=g), shape
+        shape = (3, image_size, image_size)
+        x = torch.randn(batch_size, *shape, generator=g)
+    return x, torch.randint(0, num_classes, (batch_size,), generator=g), shape
 
 
 def _floor_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

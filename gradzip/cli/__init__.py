@@ -1,5 +1,6 @@
 """The ``gradzip`` command: ``gradzip train`` (distributed training with a compression method), ``gradzip
-bench`` (methods measured side by side) and ``gradzip methods`` (the registry, with every option).
+bench`` (methods measured side by side), ``gradzip methods`` (the registry, with every option), and the
+performance model's ``gradzip profile``, ``gradzip simulate`` and ``gradzip advise``.
 
 A user's mistake ends in one line ``gradzip: error: ...`` and exit code 2, found before any worker starts;
 a failure inside a worker ends in one line naming the rank and exit code 1.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradzip.cli import train
+from gradzip.cli import simulate, train
 from gradzip.cli.common import PROG, DefaultsFormatter, Parser, UsageError
 from gradzip.cli.options import print_methods
 
@@ -21,9 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog=PROG, description="Communication-efficient distributed training for PyTorch.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,methods}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,bench,methods,profile,simulate,advise}"
+    )
     train.add_parser(sub, DefaultsFormatter)
     bench_command.add_parser(sub, DefaultsFormatter)
+    simulate.add_parsers(sub, DefaultsFormatter)
     sub.add_parser(
         "methods",
         help="list the compression methods and their options",
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             from gradzip.bench import command
 
             return command.run(args, UsageError)
+        if args.command in ("profile", "simulate", "advise"):
+            return simulate.run(args, UsageError)
         return train.run(args)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -9,18 +9,15 @@ import typing
 from typing import Any
 
 from gradzip.cli.common import UsageError
-from gradzip.registry import METHODS, get_spec, make_config, methods
-
-# Method-option fields whose flag is renamed because the plain name is a training flag already:
-# the compressor's seed is not the training seed.
-_RENAMED = {"seed": "compressor-seed"}
+from gradzip.registry import METHODS, get_spec, make_config, methods, option_flag
 
 # Attribute prefix of method-option flags in the argparse namespace, to tell them from training flags.
 _OPT_PREFIX = "method_option__"
 
 
 def flag(field_name: str) -> str:
-    return "--" + _RENAMED.get(field_name, field_name.replace("_", "-"))
+    # The registry names the flags, so the benchmark, which starts `gradzip train`, passes options the same way.
+    return option_flag(field_name)
 
 
 def _method_fields() -> dict[str, tuple[dataclasses.Field[Any], type]]:

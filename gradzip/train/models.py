@@ -4,6 +4,8 @@
 
 * ``mlp``: flatten -> 128 -> 128 -> classes (ReLU); the default for ``digits`` (26,122 parameters there).
 * ``cnn``: two 3x3 conv layers (16, 32 channels) + pooling + a linear head; any [C, H, W] of at least 8x8.
+* ``cnn1d``: three 1-D conv layers of 25 channels (kernels 5, 3, 3, stride 2, padding 1, ReLU) + a linear
+  head, the shape of MNIST-1D's published CNN baseline; any [C, L] with L >= 3 (5,210 parameters on mnist1d).
 * ``wide_mlp``: flatten -> 4 hidden layers of 2048 -> classes. Few FLOPs per parameter, so communication
   dominates a step: 12,742,666 parameters on 1x8x8 digits, 18,903,050 on 3x32x32 (10 classes).
 * ``resnet18`` / ``resnet50`` / ``resnet152``: torchvision's ResNets, module names and parameter shapes
@@ -40,6 +42,7 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "SmallCNN",
+    "SmallCNN1d",
     "build_bert",
     "build_model",
 ]
@@ -47,6 +50,16 @@ __all__ = [
 
 def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def _sequence_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"model {name!r} needs a sequence input shape (C, L), e.g. (1, 40) for mnist1d, "
+            f"got {tuple(input_shape)}"
+        )
+    c, length = input_shape
+    return c, length
 
 
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -115,6 +128,46 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if h < 8 or w < 8:
         raise ValueError(f"model 'cnn' needs inputs of at least 8x8 pixels, got {h}x{w}")
     return SmallCNN(c, num_classes)
+
+
+class SmallCNN1d(nn.Module):
+    """Three strided 1-D convolutions (25 channels; kernels 5, 3, 3; stride 2; padding 1), each followed by
+    ReLU, then a linear layer from the flattened features to the classes.
+
+    Each conv roughly halves the length (40 -> 19 -> 10 -> 5 on MNIST-1D), so the head reads 25 * 5 features.
+    """
+
+    channels = 25
+    kernels = (5, 3, 3)
+
+    def __init__(self, in_channels: int, length: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for k in self.kernels:
+            layers += [nn.Conv1d(width, self.channels, k, stride=2, padding=1), nn.ReLU(inplace=True)]
+            width = self.channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(self.channels * self.out_length(length), num_classes)
+
+    @classmethod
+    def out_length(cls, length: int) -> int:
+        """The length after the three convs (< 1: too short an input)."""
+        for k in cls.kernels:
+            length = (length + 2 - k) // 2 + 1
+        return length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def _cnn1d(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, length = _sequence_shape("cnn1d", input_shape)
+    if c < 1 or SmallCNN1d.out_length(length) < 1:
+        raise ValueError(
+            f"model 'cnn1d' needs at least 1 channel and a length of at least 3, got {tuple(input_shape)}"
+        )
+    return SmallCNN1d(c, length, num_classes)
 
 
 # --------------------------------------------------------------------------------------------- ResNet
@@ -390,6 +443,7 @@ def _bert(name: str) -> Callable[[tuple[int, ...], int], nn.Module]:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "cnn": _cnn,
+    "cnn1d": _cnn1d,
     "wide_mlp": _wide_mlp,
     "resnet18": _resnet("resnet18", BasicBlock, [2, 2, 2, 2]),
     "resnet50": _resnet("resnet50", Bottleneck, [3, 4, 6, 3]),

@@ -387,3 +387,45 @@ def test_unreliable_rounds_are_left_out_of_the_ratios_across_rounds() -> None:
     only_bad = [r for r in results if r["spec"]["round"] == 0]
     line = next(ln for ln in report.across_rounds(only_bad).splitlines() if "| acpsgd |" in ln)
     assert line.endswith("| unreliable | unreliable |")
+
+
+def test_time_to_accuracy_command_lines_carry_the_task_and_method_options(tmp_path: Path) -> None:
+    from gradzip.bench.accuracy import train_argv
+
+    out = tmp_path / "run.json"
+    argv, servers = train_argv(
+        "topk:density=0.05", out, steps=2000, eval_every=20, target=0.9, model="cnn1d", dataset="mnist1d",
+        lr=0.05, batch_size=32,
+    )  # fmt: skip
+    assert servers == 0
+    text = " ".join(argv)
+    assert "--method topk " in text and "--density 0.05" in text and f"--json {out}" in text
+    assert "--model cnn1d --dataset mnist1d --lr 0.05 --batch-size 32" in text
+    assert "--steps 2000 --eval-every 20 --target-accuracy 0.9" in text
+    # Defaults stay gradzip train's: nothing passed that was not given.
+    bare, _ = train_argv("ssgd", out, steps=10, eval_every=5, target=0.5)
+    assert not {"--model", "--dataset", "--lr", "--batch-size"} & set(bare)
+    # Renamed and boolean flags, as gradzip train spells them; servers beside the workers.
+    argv, servers = train_argv(
+        "doublesqueeze:placement=server:servers=2:seed=3", out, steps=1, eval_every=1, target=1
+    )
+    assert servers == 2 and "--compressor-seed 3" in " ".join(argv) and "--servers 2" in " ".join(argv)
+    assert "--no-metrics" in train_argv("powergossip:metrics=false", out, steps=1, eval_every=1, target=1)[0]
+    assert train_argv("doublesqueeze-async", out, steps=1, eval_every=1, target=1)[1] == 1
+    with pytest.raises(ValueError, match="registry methods only"):
+        train_argv("floor", out, steps=1, eval_every=1, target=1)
+    with pytest.raises(ValueError, match="density"):
+        train_argv("topk:density=2", out, steps=1, eval_every=1, target=1)
+
+
+def test_time_to_accuracy_refuses_a_model_that_cannot_take_the_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradzip.cli import main
+
+    code = main(
+        ["bench", "--time-to-accuracy", "--models", "cnn", "--dataset", "mnist1d", "--out", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "'cnn' needs an image input shape (C, H, W), got (1, 40)" in err
+    assert not (tmp_path / "time_to_accuracy.json").exists()

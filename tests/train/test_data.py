@@ -77,6 +77,50 @@ def test_embedded_name_case_insensitive() -> None:
     assert load_dataset("DIGITS").name == "digits"
 
 
+# ---------------------------------------------------------------------------------------------- MNIST-1D
+
+
+def test_mnist1d_is_the_packages_standard_split() -> None:
+    ds = load_dataset("mnist1d")
+    assert "mnist1d" in EMBEDDED and ds.name == "mnist1d"
+    assert ds.input_shape == (1, 40) and ds.num_classes == 10
+    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.y_train.shape == (4000,) and ds.y_test.shape == (1000,)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert set(ds.y_train.tolist()) == set(range(10)) == set(ds.y_test.tolist())
+    # The package's own seed (42) and split: these labels are what every MNIST-1D user gets, whatever our seed.
+    assert ds.y_train[:10].tolist() == [2, 6, 4, 5, 6, 6, 6, 0, 3, 1]
+    assert torch.bincount(ds.y_test).tolist() == [102, 104, 89, 106, 106, 98, 99, 96, 98, 102]
+    assert torch.equal(load_dataset("mnist1d", seed=5).x_test, ds.x_test)
+    # Standardised with the train statistics.
+    assert abs(float(ds.x_train.mean())) < 1e-4
+    assert float(ds.x_train.std()) == pytest.approx(1.0, abs=1e-3)
+    assert load_dataset("MNIST1D").name == "mnist1d"
+
+
+def test_mnist1d_generation_is_deterministic_and_leaves_the_global_generators_alone() -> None:
+    import random
+
+    from gradzip.train.data import _mnist1d_raw
+
+    before = load_dataset("mnist1d")
+    _mnist1d_raw.cache_clear()  # generate afresh: the package seeds numpy's and random's global generators
+    np.random.seed(1)
+    random.seed(1)
+    again = load_dataset("mnist1d")
+    assert np.random.rand() == np.random.RandomState(1).rand()
+    assert random.random() == random.Random(1).random()
+    assert torch.equal(before.x_train, again.x_train) and torch.equal(before.y_test, again.y_test)
+
+
+def test_mnist1d_cache_is_not_shared_mutably() -> None:
+    ds = load_dataset("mnist1d")
+    ds.x_train.zero_()
+    ds.y_test.zero_()
+    again = load_dataset("mnist1d")
+    assert float(again.x_train.abs().sum()) > 0 and int(again.y_test.max()) == 9
+
+
 # ------------------------------------------------------------------------------------------------ MNIST
 
 
@@ -230,7 +274,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 
 def test_unknown_name_lists_embedded() -> None:
-    with pytest.raises(DatasetError, match=r"unknown dataset 'digitz'.*digits") as info:
+    with pytest.raises(DatasetError, match=r"unknown dataset 'digitz'.*digits, mnist1d") as info:
         load_dataset("digitz")
     assert "\n" not in str(info.value)
 

@@ -65,6 +65,10 @@ class Plan:
     exchange: Exchange | None = None
     vote_s: float = 0.0
     wire: str = ""
+    worker_optimizer: bool = True
+    """False where the worker runs no optimizer step of its own (asynchronous DoubleSqueeze's servers do)."""
+    server_busy_s: float = 0.0
+    """A server's work per step over every worker's push: the shortest a step can be (asynchronous)."""
 
 
 def ddp_buckets(layers: list[Layer], cap_mb: float) -> list[list[int]]:
@@ -119,6 +123,14 @@ class _Ctx:
             dec = total * DECODE_SHARE.get(compressor, 0.3)
         dec = min(dec, total)
         return total - dec, dec
+
+    def standalone(self, compressor: str) -> tuple[float, float]:
+        """(plain encode, dense decode) seconds per element of ``compressor``: measured where the profile has
+        them, else the fused split (:meth:`split`)."""
+        have = self.p.standalone_s_per_element
+        if f"{compressor}.encode" in have:
+            return have[f"{compressor}.encode"], have[f"{compressor}.decode"]
+        return self.split(compressor)
 
     def vote_s(self) -> float:
         return network.all_reduce(self.link, FLOAT * self.n, self.n)
@@ -252,8 +264,15 @@ def _doublesqueeze(x: _Ctx, name: str) -> Plan:
         link = network.server_round(x.link, nbytes, x.n, servers)
         # Synchronous: a server decodes every worker's part and encodes its reply once. Asynchronous: it
         # applies each push as it comes and answers each worker with an encoding of its own.
-        encodes = x.n if name == "doublesqueeze-async" else 1
-        server = (d * numel * x.n + e * numel * encodes) / servers
+        server = (d * numel * x.n + e * numel) / servers
+        busy = 0.0
+        if name == "doublesqueeze-async":
+            # The servers hold the model and its optimizer and serve each push as it comes: a decode, an
+            # optimizer step, the change since the worker's copy (a difference), its encode and the copy's
+            # update (an add). A worker waits for its own push only, but the servers serve every worker's:
+            # the step cannot be shorter than n pushes' work.
+            server = (d * numel + x.p.optimizer_s + x.copy_s(numel, 3) + e * numel) / servers
+            busy = x.n * server
         # A worker's own passes beside the encode (the kernel bench times the sharded hook's fused ones, not
         # these): the velocity of the momentum correction, the compensation and the residual before the
         # push, the decoded result written into the gradients after the pull.
@@ -261,7 +280,10 @@ def _doublesqueeze(x: _Ctx, name: str) -> Plan:
             e * numel + x.copy_s(numel, 4.5), link, d * numel + x.copy_s(numel), nbytes, server_s=server
         )
         return Plan(
-            exchange=ex, wire=f"{compressor} payloads to {servers} server(s) and back, after backward"
+            exchange=ex,
+            wire=f"{compressor} payloads to {servers} server(s) and back, after backward",
+            worker_optimizer=name != "doublesqueeze-async",  # async: the servers step, the worker applies
+            server_busy_s=busy,
         )
     work = []
     for b in x.buckets:
@@ -294,8 +316,8 @@ def _gossip(x: _Ctx, name: str) -> Plan:
       add, and the final add after; fresh: the clone, a send and a receive buffer per neighbour, the zeros
       and each difference;
     * ``choco``: a difference, the encode and the own decode before; the own add, per neighbour a decode,
-      an add, a difference and an add, zeros and the final add after; fresh: the difference, every decode,
-      the zeros and each difference;
+      an add, a difference and an add, zeros and the final add after (encode and dense decode as measured
+      on their own, ``standalone_s_per_element``); fresh: the difference, the zeros and each difference;
     * ``powergossip``: per neighbour a projection (one read) before; zeros, per neighbour an outer product
       and an add, and the final add after; fresh: the zeros and each outer product.
     """
@@ -307,15 +329,15 @@ def _gossip(x: _Ctx, name: str) -> Plan:
         before, after = x.copy_s(numel, 1 + deg, 1 + deg), x.copy_s(numel, 2.5 + 3 * deg, 1 + 2 * deg)
     elif name == "choco":
         compressor = str(x.opt.get("compressor", "signsgd"))
-        e, d = x.split(compressor)
+        e, d = x.standalone(compressor)
         comp = _compressor(compressor, x.opt)
         # Matrices through the compressor, each its own payload; 1-D tensors raw.
         nbytes = sum(
             comp.payload_nbytes(layer.numel) if len(layer.shape) >= 2 else FLOAT * layer.numel
             for layer in x.p.layers
         )
-        before = (e + d) * numel + x.copy_s(numel, 1.5, 2)
-        after = d * numel * deg + x.copy_s(numel, 4 + 4.5 * deg, 1 + 2 * deg)
+        before = (e + d) * numel + x.copy_s(numel, 1.5, 1)
+        after = d * numel * deg + x.copy_s(numel, 4 + 4.5 * deg, 1 + deg)
     else:  # powergossip: per iteration, one projection per matrix per neighbour, alternating sides; 1-D raw once
         rank = int(x.opt.get("rank", 1))
         its = int(x.opt.get("iterations", 1))

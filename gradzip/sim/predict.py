@@ -46,33 +46,31 @@ def predict(
 ) -> Prediction:
     p = plan(method, profile, cluster, options)
     backward = [layer.backward_s for layer in profile.layers]
+    optimizer = profile.optimizer_s if p.worker_optimizer else 0.0
     cpu = cluster.link.uses_cpu
     runs = (
         [
-            timeline.run(
-                profile.forward_s, backward, profile.optimizer_s, b, vote_s=p.vote_s, link_uses_cpu=cpu
-            )
+            timeline.run(profile.forward_s, backward, optimizer, b, vote_s=p.vote_s, link_uses_cpu=cpu)
             for b in p.buckets
         ]
         if p.buckets is not None
-        else [
-            timeline.run(
-                profile.forward_s, backward, profile.optimizer_s, exchange=p.exchange, link_uses_cpu=cpu
-            )
-        ]
+        else [timeline.run(profile.forward_s, backward, optimizer, exchange=p.exchange, link_uses_cpu=cpu)]
     )
 
     def mean(name: str) -> float:
         return statistics.fmean(getattr(r, name) for r in runs)
 
+    # A server serving every worker in turn bounds the step from below (asynchronous DoubleSqueeze).
+    iteration = max(mean("iteration_s"), p.server_busy_s)
+
     return Prediction(
         method=label or method,
         workers=cluster.workers,
         bandwidth=bandwidth,
-        iteration_s=mean("iteration_s"),
+        iteration_s=iteration,
         compute_s=mean("compute_s"),
         compression_s=mean("compression_s"),
-        exposed_s=statistics.fmean(r.exposed_s for r in runs),
+        exposed_s=statistics.fmean(r.exposed_s for r in runs) + iteration - mean("iteration_s"),
         link_s=mean("link_s"),
         sent_bytes=mean("sent_bytes"),
         wire=p.wire,

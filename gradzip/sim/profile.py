@@ -77,6 +77,10 @@ class ModelProfile:
     topk, qsgd)."""
     copy_bytes_per_s: float = 5e9
     """Memory-copy rate of the device (bytes read per second)."""
+    standalone_s_per_element: dict[str, float] = field(default_factory=dict)
+    """Seconds per element of a compressor's plain ``encode`` and its dense ``decode`` (keys
+    ``"<compressor>.encode"``, ``"<compressor>.decode"``): how Choco-SGD uses them, one tensor at a time,
+    outside the fused passes the kernel bench times."""
     alloc_s_per_element: float = 0.0
     """Seconds per float32 element to allocate a fresh large tensor and fill it (on a CPU, its page faults:
     a large allocation is fresh memory from the kernel every time)."""
@@ -151,6 +155,7 @@ class ModelProfile:
             layers=[dataclasses.replace(x, backward_s=x.backward_s * b / compute) for x in self.layers],
             compress_s_per_element={k: v / memory for k, v in self.compress_s_per_element.items()},
             decode_s_per_element={k: v / memory for k, v in self.decode_s_per_element.items()},
+            standalone_s_per_element={k: v / memory for k, v in self.standalone_s_per_element.items()},
             copy_bytes_per_s=self.copy_bytes_per_s * memory,
             alloc_s_per_element=self.alloc_s_per_element / memory,
             source=f"derived: {why}" if why else "derived",
@@ -251,6 +256,29 @@ def measure_decode(compressor: str, numel: int = 1 << 22, repeats: int = 5) -> f
     return max(0.0, (timed(3) - timed(1)) / 2 / numel)
 
 
+STANDALONE = ("signsgd", "topk", "randomk", "qsgd", "fp16")
+"""The compressors Choco-SGD may gossip with (identity aside)."""
+
+
+def measure_standalone(compressor: str, numel: int = 1 << 22, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per element of ``compressor``'s plain ``encode`` and dense ``decode`` of a fresh tensor."""
+    from gradzip.config import make_compressor
+
+    comp = make_compressor(compressor)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    enc, dec = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        payload, ctx = comp.encode(x)
+        t1 = time.perf_counter()
+        comp.decode(payload, ctx, numel)
+        t2 = time.perf_counter()
+        if i:
+            enc.append(t1 - t0)
+            dec.append(t2 - t1)
+    return statistics.median(enc) / numel, statistics.median(dec) / numel
+
+
 def measure_alloc(numel: int = 1 << 24, repeats: int = 5) -> float:
     """Seconds per element of ``torch.zeros`` of a fresh 64 MB tensor: allocation, first touch and fill."""
     times = []
@@ -285,6 +313,7 @@ def measure_profile(
     decode: dict[str, float] = {}
     copy = 5e9
     alloc = 0.0
+    standalone: dict[str, float] = {}
     if kernels:
         # The kernel bench's shapes of this model; a pass over more than 1 s is timed on a subset.
         results = run_kernels(model, list(KERNEL_METHODS), repeats=3, device=device, threads=None)
@@ -295,6 +324,8 @@ def measure_profile(
         if device == "cpu":
             decode = {c: measure_decode(c) for c in GATHERED}
             alloc = measure_alloc()
+            for c in STANDALONE:
+                standalone[f"{c}.encode"], standalone[f"{c}.decode"] = measure_standalone(c)
     return ModelProfile(
         model=model,
         device=_device_label(device),
@@ -305,6 +336,7 @@ def measure_profile(
         compress_s_per_element=compress,
         decode_s_per_element=decode,
         copy_bytes_per_s=copy,
+        standalone_s_per_element=standalone,
         alloc_s_per_element=alloc,
         processes=processes,
     )
@@ -400,6 +432,9 @@ def mean_profile(profiles: list[ModelProfile]) -> ModelProfile:
         },
         decode_s_per_element={
             k: mean([p.decode_s_per_element[k] for p in profiles]) for k in first.decode_s_per_element
+        },
+        standalone_s_per_element={
+            k: mean([p.standalone_s_per_element[k] for p in profiles]) for k in first.standalone_s_per_element
         },
         copy_bytes_per_s=mean([p.copy_bytes_per_s for p in profiles]),
         alloc_s_per_element=mean([p.alloc_s_per_element for p in profiles]),

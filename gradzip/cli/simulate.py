@@ -36,18 +36,13 @@ def _profile_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-DEFAULT_METHODS_TEXT = [
-    "ssgd", "fp16", "signsgd", "topk", "randomk", "qsgd", "powersgd", "acpsgd", "doublesqueeze",
-    "doublesqueeze-async", "dpsgd", "choco", "powergossip",
-]  # fmt: skip
-"""Every method the simulator plans (``gradzip.sim.grid.DEFAULT_METHODS``; a test keeps them equal)."""
-
-
 def _cluster_options(p: argparse.ArgumentParser) -> None:
+    from gradzip.sim.grid import DEFAULT_METHODS
+
     p.add_argument(
         "--methods",
         type=comma_list(str),
-        default=",".join(DEFAULT_METHODS_TEXT),
+        default=",".join(DEFAULT_METHODS),
         help="comma-separated methods, each NAME[:KEY=VALUE...] as gradzip bench takes them, e.g. acpsgd:rank=32",
     )
     p.add_argument("--latency", default="0ms", help="one-way delay of each link, e.g. 5us or 1ms")
@@ -163,6 +158,7 @@ def load_profile(args: argparse.Namespace, usage_error: type[Exception]) -> Any:
 
 def _check_flags(args: argparse.Namespace, usage_error: type[Exception]) -> None:
     """Flags that contradict each other, or that the chosen mode would ignore: refused before any work."""
+    from gradzip.sim.grid import DEFAULT_METHODS
     from gradzip.train.models import MODELS
 
     validate, paper = getattr(args, "validate", False), getattr(args, "paper", False)
@@ -170,7 +166,7 @@ def _check_flags(args: argparse.Namespace, usage_error: type[Exception]) -> None
         "--profile": args.profile is not None,
         "--model": args.model is not None,
         "--batch-size": args.batch_size is not None,
-        "--methods": args.methods != DEFAULT_METHODS_TEXT,
+        "--methods": args.methods != DEFAULT_METHODS,
         "--workers": getattr(args, "workers", None) is not None and args.command == "simulate",
         "--bandwidth": getattr(args, "bandwidth", None) is not None and args.command == "simulate",
     }
@@ -339,10 +335,11 @@ def _validate(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     from gradzip.bench.iproute import ClusterError
     from gradzip.bench.network import parse_bandwidth
     from gradzip.sim import grid, validate
+    from gradzip.sim.grid import DEFAULT_METHODS
 
     workers = args.workers or [2, 4]
     bandwidths = args.bandwidth or ["100mbit", "1gbit", "unlimited"]
-    methods = args.methods if args.methods != DEFAULT_METHODS_TEXT else list(validate.METHODS)
+    methods = args.methods if args.methods != DEFAULT_METHODS else list(validate.METHODS)
     model = args.model or "wide_mlp"
     try:  # everything a user can get wrong, before the first profile
         grid.check_inputs(

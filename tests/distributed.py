@@ -5,6 +5,7 @@ Each spawn costs a torch import per process, so a test runs many checks inside o
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import time
@@ -36,6 +37,8 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 def _entry(
     rank: int, world: int, port: int, init: bool, fn: Callable[..., Any], args: tuple[Any, ...], queue: Any
 ) -> None:
+    # A worker still running near the test's deadline prints every thread's stack: a hang names its wait.
+    faulthandler.dump_traceback_later(float(os.environ.get("GRADZIP_TEST_DUMP_AFTER", "200")), exit=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # All ranks are on this machine: gloo must use loopback, never the machine's network interface.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"

@@ -51,6 +51,7 @@ def check_inputs(
     any work. ``floor`` is a measurement's reference, not a method to run, unless ``allow_floor``; advice needs
     two methods to rank (ssgd is always one)."""
     from gradzip.comm.topology import make_topology
+    from gradzip.registry import family
 
     parsed = [parse_method(m) for m in methods]
     if not allow_floor and any(name == "floor" for name, _ in parsed):
@@ -66,7 +67,7 @@ def check_inputs(
         for n in workers:
             Cluster(n, link)
             for name, options in parsed:
-                if name in ("dpsgd", "choco", "powergossip"):
+                if name != "floor" and family(name, options) == "gossip":
                     make_topology(str(options.get("topology", "ring")), n)
 
 
@@ -79,11 +80,13 @@ def simulate_grid(
     bucket_cap_mb: float = 25.0,
     message_s: float | None = None,
 ) -> list[Prediction]:
-    """Every method on every (workers, bandwidth) cluster, ``ssgd`` first in each."""
-    parsed = [parse_method(m) for m in methods]
+    """Every method on every (workers, bandwidth) cluster, ``ssgd`` first in each; each prediction is
+    labelled with its method as written."""
+    texts = list(methods)
+    parsed = [parse_method(m) for m in texts]
     if "ssgd" not in [name for name, _ in parsed]:
+        texts.insert(0, "ssgd")
         parsed.insert(0, ("ssgd", {}))
-    texts = ["ssgd" if name == "ssgd" and not opts else _text(name, opts) for name, opts in parsed]
     out: list[Prediction] = []
     for n in workers:
         for bw in bandwidths:
@@ -93,10 +96,6 @@ def simulate_grid(
                 for (name, opts), text in zip(parsed, texts, strict=True)
             )
     return out
-
-
-def _text(name: str, options: dict[str, Any]) -> str:
-    return ":".join([name, *(f"{k}={v}" for k, v in options.items())])
 
 
 def speedups(preds: Sequence[Prediction], over: str = "ssgd") -> dict[tuple[int, str, str], float]:

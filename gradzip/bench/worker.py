@@ -33,7 +33,7 @@ from gradzip.bench import wire
 from gradzip.comm.collectives import CommStats
 from gradzip.integrations.paramserver import serve
 from gradzip.registry import family, make_config, servers_needed
-from gradzip.train.env import threads_per_worker
+from gradzip.train.env import threads_per_worker, usable_cores
 from gradzip.train.exchange import Exchange, HookExchange, Settings, build_exchange
 from gradzip.train.loop import run_steps
 from gradzip.train.models import build_model
@@ -235,7 +235,7 @@ def _traffic(
     local = os.environ.get("LOCAL_WORLD_SIZE")
     out.update(
         threads=torch.get_num_threads(),
-        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        cores=usable_cores(),
         processes_on_host=int(local) if local and local.isdigit() else None,
     )
     return out

@@ -264,20 +264,27 @@ def _doublesqueeze(x: _Ctx, name: str) -> Plan:
         link = network.server_round(x.link, nbytes, x.n, servers)
         # Synchronous: a server decodes every worker's part and encodes its reply once. Asynchronous: it
         # applies each push as it comes and answers each worker with an encoding of its own.
-        server = (d * numel * x.n + e * numel) / servers
+        # The servers' work is priced at the speed of a process alone on its cores: on the emulated cluster
+        # they share the workers' machine, but work while the workers wait, so the workers' share of the
+        # cores (in a profile of copies side by side) is not theirs. A real server is a machine of its own.
+        servers_ = servers * x.p.lone_speedup
+        server = (d * numel * x.n + e * numel) / servers_
         busy = 0.0
+        # One sender's payload on its own is decoded densely into a fresh tensor (the worker's pull, the
+        # asynchronous server's push), not accumulated in place as the aggregate does.
+        dense = x.standalone(compressor)[1]
         if name == "doublesqueeze-async":
             # The servers hold the model and its optimizer and serve each push as it comes: a decode, an
             # optimizer step, the change since the worker's copy (a difference), its encode and the copy's
             # update (an add). A worker waits for its own push only, but the servers serve every worker's:
             # the step cannot be shorter than n pushes' work.
-            server = (d * numel + x.p.optimizer_s + x.copy_s(numel, 3) + e * numel) / servers
+            server = (dense * numel + x.p.optimizer_s + x.copy_s(numel, 3) + e * numel) / servers_
             busy = x.n * server
         # A worker's own passes beside the encode (the kernel bench times the sharded hook's fused ones, not
         # these): the velocity of the momentum correction, the compensation and the residual before the
         # push, the decoded result written into the gradients after the pull.
         ex = Exchange(
-            e * numel + x.copy_s(numel, 4.5), link, d * numel + x.copy_s(numel), nbytes, server_s=server
+            e * numel + x.copy_s(numel, 4.5), link, dense * numel + x.copy_s(numel), nbytes, server_s=server
         )
         return Plan(
             exchange=ex,

@@ -86,6 +86,8 @@ class ModelProfile:
     a large allocation is fresh memory from the kernel every time)."""
     processes: int = 1
     """Copies of the model that ran side by side on the same cores while measuring."""
+    cores: int = 0
+    """CPU cores those copies shared (0: not recorded, or a GPU's profile)."""
     source: str = "measured"
     """``measured`` or ``derived: <how>``."""
 
@@ -105,6 +107,15 @@ class ModelProfile:
     @property
     def numel(self) -> int:
         return sum(layer.numel for layer in self.layers)
+
+    @property
+    def lone_speedup(self) -> float:
+        """How much faster one process alone on the measuring machine runs this profile's per-element work
+        than one of the ``processes`` copies that shared its ``cores`` did (1 where they did not contend).
+
+        The emulated cluster's parameter server is such a process: it works while its workers wait for it,
+        so their share of the cores is not its share."""
+        return max(1.0, self.processes / self.cores) if self.cores else 1.0
 
     @property
     def measured(self) -> bool:
@@ -305,6 +316,7 @@ def measure_profile(
     were running side by side (:func:`measure_side_by_side` starts them). ``num_classes`` sizes the head
     (the benchmark's 10; ImageNet's 1000 for the paper's ResNets)."""
     from gradzip.bench.kernels import REFERENCE, run_kernels
+    from gradzip.train.env import usable_cores
 
     forward, optimizer, layers = measure_compute(
         model, batch_size, device, repeats, image_size, seq_len, num_classes
@@ -339,6 +351,7 @@ def measure_profile(
         standalone_s_per_element=standalone,
         alloc_s_per_element=alloc,
         processes=processes,
+        cores=usable_cores() if device == "cpu" else 0,
     )
 
 

@@ -33,9 +33,13 @@ def threads_per_worker() -> int:
     Without it every worker starts one thread per core, and N workers on C cores run N*C busy threads that
     preempt each other; for the small models that are the default this makes each step several times slower.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // local_world)
+    return max(1, usable_cores() // local_world)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

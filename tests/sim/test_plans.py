@@ -67,6 +67,29 @@ def test_bytes_are_what_each_worker_puts_on_its_link() -> None:
     assert predict(p, "acpsgd", c).sent_bytes == pytest.approx(ring * (factor + 4 * raw))
 
 
+def test_a_servers_work_is_priced_alone_on_its_cores_and_a_pull_decodes_densely() -> None:
+    import dataclasses
+
+    dense = {"signsgd.encode": 1e-9, "signsgd.decode": 5e-9}
+    p = dataclasses.replace(profile(), standalone_s_per_element=dense)
+    c = Cluster(4, Link(1e9))
+    alone = plan("doublesqueeze-async", p, c).exchange
+    assert alone is not None
+    # The worker's pull decodes one payload into a fresh tensor: the dense decode, not the fused accumulate.
+    assert alone.after_s == pytest.approx(5e-9 * p.numel + 4 * p.numel / p.copy_bytes_per_s)
+    # A profile of 4 copies sharing 2 cores prices each copy at half a core; the server, working while its
+    # workers wait, has a core of its own: its work costs half, its busy bound too. Not so for the worker.
+    shared = dataclasses.replace(p, processes=4, cores=2)
+    assert shared.lone_speedup == 2.0 and p.lone_speedup == 1.0
+    half = plan("doublesqueeze-async", shared, c)
+    assert half.exchange is not None
+    assert half.exchange.server_s == pytest.approx(alone.server_s / 2)
+    assert half.server_busy_s == pytest.approx(plan("doublesqueeze-async", p, c).server_busy_s / 2)
+    assert half.exchange.after_s == pytest.approx(alone.after_s)
+    # Copies that did not contend (as many as the cores) leave the price as measured.
+    assert dataclasses.replace(p, processes=2, cores=2).lone_speedup == 1.0
+
+
 def test_the_orderings_the_paper_reports() -> None:
     p = profile()
     slow, fast = Cluster(16, Link(1e9)), Cluster(16, Link(100e9))

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradzip.bench import wire
-from gradzip.comm.collectives import CommStats
+from gradzip.comm.collectives import CommStats, workers_group
 from gradzip.integrations.paramserver import serve
 from gradzip.registry import family, make_config, servers_needed
 from gradzip.train.env import threads_per_worker, usable_cores
@@ -172,7 +172,7 @@ def run(spec: BenchSpec) -> dict[str, Any] | None:
         if not spec.servers():
             return _measure(spec, rank, world, None)
         # The last ranks serve until every worker has closed; the workers' results travel on their own group.
-        group = dist.new_group(list(range(spec.workers)))
+        group = workers_group(spec.workers, timedelta(seconds=spec.timeout))
         if rank >= spec.workers:
             serve()
             return None

@@ -10,6 +10,7 @@ for ring algorithms (what gloo runs), from the per-collective counters beside th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -196,3 +197,13 @@ class SoloComm(Comm):
 
     def _all_gather(self, t: torch.Tensor) -> Future[torch.Tensor]:
         return _done(t.reshape(1, *t.shape).clone())
+
+
+def workers_group(workers: int, timeout: timedelta) -> dist.ProcessGroup:
+    """The group of the training workers (global ranks ``0..workers-1``) beside parameter servers; every
+    process of the world takes part in creating it. It gets the run's ``timeout``: torch gives a new group its
+    backend's default (30 minutes on gloo), not the world group's, so a peer that dies mid-collective would
+    otherwise hold the others for half an hour."""
+    group = dist.new_group(list(range(workers)), timeout=timeout)
+    assert group is not None  # every rank creates it, so every rank is handed it
+    return group

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradzip.comm.collectives import workers_group
 from gradzip.integrations.paramserver import serve
 from gradzip.registry import servers_needed
 from gradzip.train import checkpoint
@@ -140,7 +141,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> RunSummary | None:
             raise ValueError(
                 f"{dist.get_world_size()} processes cannot hold {servers} servers and at least one worker"
             )
-        group = dist.new_group(list(range(workers)))
+        group = workers_group(workers, timedelta(seconds=cfg.timeout))
         if dist.get_rank() >= workers:
             serve()
             return None

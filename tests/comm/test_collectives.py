@@ -42,3 +42,31 @@ def test_each_collective_is_counted_by_kind_and_ring_bytes_follow_each_algorithm
     assert s.ring_bytes(1) == 60  # one worker: the rings move nothing
     assert set(s.to_dict()) >= {"all_reduce_bytes", "p2p_bytes_sent", "votes"}
     assert all(isinstance(v, int) for v in s.to_dict().values())  # checkpoints restore them as ints
+
+
+def _wait_in_workers_group(rank: int, world: int) -> float | None:
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gradzip.comm.collectives import workers_group
+
+    group = workers_group(world, timedelta(seconds=1))
+    if rank == 1:  # never joins the all-reduce, and outlives rank 0's wait
+        time.sleep(4)
+        return None
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except RuntimeError:
+        return time.monotonic() - start
+    return None
+
+
+def test_the_workers_group_waits_no_longer_than_the_runs_timeout() -> None:
+    from tests.distributed import run_workers
+
+    # torch's default for a new gloo group is 30 minutes: without the run's timeout this would hang.
+    waited, _ = run_workers(_wait_in_workers_group, 2, init=True, timeout=60)
+    assert waited is not None and waited < 3.5, waited

@@ -242,6 +242,8 @@ class CarriedCompressorConfig(MethodConfig):
 # ----------------------------------------------------------------------------------- DoubleSqueeze
 
 PLACEMENTS = ("sharded", "server")
+DOUBLESQUEEZE_QSGD_LEVELS = 127
+"""QSGD's levels under DoubleSqueeze when none are given (QSGD's own default, 16, diverges there)."""
 
 
 @dataclass
@@ -250,6 +252,11 @@ class DoubleSqueezeConfig(CarriedCompressorConfig):
     compensation on the workers and on the server. The compressor's own options are passed through."""
 
     compressor: str = opt("signsgd", f"compressor of both passes: {_COMPRESSOR_NAMES}")
+    levels: int | None = opt(
+        None,
+        f"the compressor's levels (qsgd); default {DOUBLESQUEEZE_QSGD_LEVELS} here: QSGD's own 16 diverge "
+        "under error feedback on both passes",
+    )
     placement: str = opt(
         "sharded",
         "sharded: every worker serves 1/n of each tensor (a DDP hook); "
@@ -266,6 +273,12 @@ class DoubleSqueezeConfig(CarriedCompressorConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.compressor == "qsgd" and self.levels is None:
+            # Error feedback on both passes needs a compressor that leaves less behind than it was given. QSGD
+            # at its own 16 levels leaves up to sqrt(d)/16 times the tensor (unbiased, not a contraction), and
+            # the residuals grew until the runs diverged (BENCHMARKS.md, MNIST-1D); 127 levels trained in every
+            # placement for the same bytes, since sign and level travel as one int8 either way.
+            self.levels = DOUBLESQUEEZE_QSGD_LEVELS
         super().__post_init__()
         check_momentum_correction(self.momentum_correction)
         check(self.placement in PLACEMENTS, "placement", self.placement, " or ".join(PLACEMENTS))

@@ -148,3 +148,42 @@ def test_sharded_step_equals_the_update_rule_and_sends_compressed_payloads_both_
     # Negative control: without the server's error compensation the reference differs, so the check can fail.
     plain = reference(world, world, compressor, server_ef=False)
     assert not torch.allclose(plain[-1]["out"]["w"], ref[-1]["out"]["w"], atol=1e-3)
+
+
+def _feedback_growth(cfg: Any, steps: int = 40, workers: int = 4, d: int = 4096) -> float:
+    """DoubleSqueeze's two error-feedback passes with ``cfg``'s compressor on a stream of gradients: the largest
+    residual norm over the steps, relative to a gradient's."""
+    comp = cfg.make_compressor()
+    g = torch.Generator().manual_seed(0)
+
+    def c(v: torch.Tensor) -> torch.Tensor:
+        payload, ctx = comp.encode(v)
+        return comp.decode(payload, ctx, v.numel())
+
+    d_w = [torch.zeros(d) for _ in range(workers)]
+    d_s = torch.zeros(d)
+    worst = 0.0
+    for _ in range(steps):
+        sent = []
+        for i in range(workers):
+            v = torch.randn(d, generator=g) + d_w[i]
+            sent.append(c(v))
+            d_w[i] = v - sent[-1]
+        v = torch.stack(sent).mean(0) + d_s
+        d_s = v - c(v)
+        worst = max(worst, float(max(x.norm() for x in [*d_w, d_s])) / math.sqrt(d))
+    return worst
+
+
+def test_qsgd_under_doublesqueeze_defaults_to_levels_whose_residuals_stay_bounded() -> None:
+    from gradzip.registry import make_config
+
+    cfg = make_config("doublesqueeze", compressor="qsgd")
+    assert cfg.levels == 127 and cfg.make_compressor().levels == 127
+    assert make_config("doublesqueeze-async", compressor="qsgd").levels == 127
+    assert make_config("qsgd").levels == 16  # QSGD on its own keeps its default
+    assert make_config("doublesqueeze", compressor="qsgd", levels=16).levels == 16  # given: kept
+    assert _feedback_growth(cfg) < 3.0
+    # The negative control: QSGD's own 16 levels leave more behind than they were given, and the residuals
+    # grow without bound (the runs in BENCHMARKS.md diverged).
+    assert _feedback_growth(make_config("doublesqueeze", compressor="qsgd", levels=16)) > 100.0

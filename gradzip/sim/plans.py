@@ -267,7 +267,8 @@ def _doublesqueeze(x: _Ctx, name: str) -> Plan:
         # The servers' work is priced at the speed of a process alone on its cores: on the emulated cluster
         # they share the workers' machine, but work while the workers wait, so the workers' share of the
         # cores (in a profile of copies side by side) is not theirs. A real server is a machine of its own.
-        servers_ = servers * x.p.lone_speedup
+        # (Together they cannot run faster than the whole machine: the profile's copies' worth.)
+        servers_ = min(servers * x.p.lone_speedup, max(servers, x.p.processes))
         server = (d * numel * x.n + e * numel) / servers_
         busy = 0.0
         # One sender's payload on its own is decoded densely into a fresh tensor (the worker's pull, the

@@ -169,6 +169,7 @@ class ModelProfile:
             standalone_s_per_element={k: v / memory for k, v in self.standalone_s_per_element.items()},
             copy_bytes_per_s=self.copy_bytes_per_s * memory,
             alloc_s_per_element=self.alloc_s_per_element / memory,
+            cores=0,  # the measuring machine's contention does not carry over to the device derived
             source=f"derived: {why}" if why else "derived",
         )
 

@@ -52,9 +52,9 @@ def _wait_in_workers_group(rank: int, world: int) -> float | None:
 
     from gradzip.comm.collectives import workers_group
 
-    group = workers_group(world, timedelta(seconds=1))
+    group = workers_group(world, timedelta(seconds=3))
     if rank == 1:  # never joins the all-reduce, and outlives rank 0's wait
-        time.sleep(4)
+        time.sleep(7)
         return None
     start = time.monotonic()
     try:
@@ -69,4 +69,4 @@ def test_the_workers_group_waits_no_longer_than_the_runs_timeout() -> None:
 
     # torch's default for a new gloo group is 30 minutes: without the run's timeout this would hang.
     waited, _ = run_workers(_wait_in_workers_group, 2, init=True, timeout=60)
-    assert waited is not None and waited < 3.5, waited
+    assert waited is not None and waited < 6, waited

@@ -86,8 +86,14 @@ def test_a_servers_work_is_priced_alone_on_its_cores_and_a_pull_decodes_densely(
     assert half.exchange.server_s == pytest.approx(alone.server_s / 2)
     assert half.server_busy_s == pytest.approx(plan("doublesqueeze-async", p, c).server_busy_s / 2)
     assert half.exchange.after_s == pytest.approx(alone.after_s)
-    # Copies that did not contend (as many as the cores) leave the price as measured.
+    # Copies that did not contend (as many as the cores) leave the price as measured; servers together get
+    # no more than the whole machine (4 copies' worth here, not 3 x 2); a derived profile drops the factor.
     assert dataclasses.replace(p, processes=2, cores=2).lone_speedup == 1.0
+    three = plan("doublesqueeze-async", shared, c, {"servers": 3}).exchange
+    alone3 = plan("doublesqueeze-async", p, c, {"servers": 3}).exchange
+    assert three is not None and alone3 is not None
+    assert three.server_s == pytest.approx(alone3.server_s * 3 / 4)
+    assert shared.scaled(2.0, 2.0, "gpu").lone_speedup == 1.0
 
 
 def test_the_orderings_the_paper_reports() -> None:

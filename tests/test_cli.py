@@ -161,7 +161,11 @@ def test_bench_refuses_an_unwritable_out_before_measuring(capsys: pytest.Capture
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--device", "gpu"], "'gpu'"), (["--shapes", "resnet9000"], "resnet9000")]
+    [
+        (["--device", "gpu"], "'gpu'"),
+        (["--shapes", "resnet9000"], "resnet9000"),
+        (["--methods", "floor"], "floor"),
+    ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA")]),
 )
 def test_bench_kernels_bad_device_or_shapes_is_a_usage_error(

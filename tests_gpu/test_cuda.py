@@ -111,6 +111,54 @@ def test_nccl_with_more_workers_than_gpus_is_refused(tmp_path: Path) -> None:
     assert "GPU" in done.stderr and "Traceback" not in done.stderr
 
 
+def _bucket_form_run(name: str, form: bool, tensors: int) -> tuple[torch.Tensor, int]:
+    """One step of ``name`` over a bucket of ``tensors`` matrices on the GPU (after two warm-up steps): the
+    reduced bucket and the CUDA kernels (memory copies and sets included) that the step ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gradzip.comm.collectives import SoloComm
+    from gradzip.reducers.reducer import Bucket
+    from gradzip.registry import get_spec, make_config
+
+    reducer = get_spec(name).build(make_config(name), SoloComm()).use_nan_policy("skip")
+    reducer.bucket_form = form  # type: ignore[attr-defined]
+    shapes = [(300 + 7 * i, 33) for i in range(tensors)]
+    keys = [f"w{i}" for i in range(tensors)]
+
+    def bucket(step: int) -> Bucket:
+        g = torch.Generator().manual_seed(step)
+        return Bucket.of([torch.randn(s, generator=g).cuda() for s in shapes], keys)
+
+    for step in range(2):
+        reducer.launch(bucket(step)).wait()
+    b = bucket(2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        reducer.launch(b).wait()
+        torch.cuda.synchronize()
+    launched = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return b.buffer.cpu(), launched
+
+
+@pytest.mark.parametrize("name", ["signsgd", "qsgd"])
+def test_bucket_form_on_cuda_launches_per_bucket_and_matches_the_per_tensor_form(name: str) -> None:
+    bucket_out, few = _bucket_form_run(name, True, 4)
+    _, many = _bucket_form_run(name, True, 40)
+    per_tensor_out, _ = _bucket_form_run(name, False, 4)
+    _, per_tensor_many = _bucket_form_run(name, False, 40)
+    print(f"\n{name}: CUDA kernels per step, bucket form 4 -> 40 tensors: {few} -> {many}; "
+          f"per tensor: {per_tensor_many} at 40")  # fmt: skip
+    # torch.cat and the foreach kernels take up to ~100 tensors a launch: a few more, not ten times more
+    assert many <= few + 8 and per_tensor_many > 3 * many
+    # The reductions (scale, norm) may sum in another order on the GPU than torch's per-tensor norm: float32
+    # rounding apart, and for QSGD a level at most where a rounding flips.
+    gap = (bucket_out - per_tensor_out).abs()
+    if name == "signsgd":
+        torch.testing.assert_close(bucket_out, per_tensor_out, rtol=1e-5, atol=0)
+    else:
+        assert float((gap > 1e-6).float().mean()) < 1e-3, float((gap > 1e-6).float().mean())
+
+
 def test_kernels_on_cuda() -> None:
     results = kernels.run_kernels("resnet50", device="cuda", repeats=5)
     by = {r.method: r for r in results}

@@ -151,13 +151,15 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     if args.kernels:
         from gradzip.bench import kernels
 
+        # --methods left at the grid's default: every kernel row (kernels.METHODS); else the rows named.
+        methods = None if args.methods == DEFAULT_METHODS else args.methods
         # One CPU thread, like each worker of the emulated cluster; it also keeps the numbers stable on a
         # shared machine, where a second thread often waits milliseconds for a pre-empted core.
         try:
             timed = [
                 row
                 for shapes in args.shapes
-                for row in kernels.run_kernels(shapes, device=args.device, threads=1)
+                for row in kernels.run_kernels(shapes, methods, device=args.device, threads=1)
             ]
         except (ValueError, RuntimeError) as err:
             raise usage_error(str(err)) from None

@@ -26,21 +26,27 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradzip.comm.collectives import SoloComm
 from gradzip.compress.topk import k_of
 from gradzip.config import LowRankConfig, QSGDConfig, SignConfig, TopKConfig
+from gradzip.reducers.elementwise import ElementwiseReducer
 from gradzip.reducers.reducer import Bucket
 from gradzip.registry import get_spec, make_config
 from gradzip.train.models import MODELS, build_model
 
 __all__ = [
+    "FORMS",
     "METHODS",
     "REFERENCE",
+    "CallCounter",
     "TARGETS",
     "KernelResult",
     "format_table",
@@ -51,6 +57,14 @@ __all__ = [
 
 REFERENCE = "torch.topk"
 METHODS: tuple[str, ...] = ("sign", "topk", "randomk", "qsgd", "fp16", "powersgd", "acpsgd", REFERENCE)
+# Rows asked for by name only: sign and QSGD in one form whatever the device (each device has its default,
+# the CPU per tensor through the C kernels, CUDA per bucket), to compare the two forms on one machine.
+FORMS: dict[str, tuple[str, bool]] = {
+    "sign-bucket": ("sign", True),
+    "sign-per-tensor": ("sign", False),
+    "qsgd-bucket": ("qsgd", True),
+    "qsgd-per-tensor": ("qsgd", False),
+}
 
 # A method whose warm-up pass over the set takes longer than this is timed on a subset of the tensors: the
 # default run (ResNet-50 shapes, every method, 5 repeats) then stays around a minute on a 2-core CPU.
@@ -67,6 +81,22 @@ class KernelResult:
     copy_gbytes_per_s: float
     fraction_of_copy: float
     note: str = ""
+    calls: int | None = None
+    """Torch operator calls in one pass over the whole set, views aside (a CUDA kernel launch each, or a
+    few); what the C kernels do on the CPU is not counted. Counted in one more pass over the whole set."""
+
+
+class CallCounter(TorchDispatchMode):
+    """Counts the torch operators called while it is active, by name; views (metadata only) are left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view:
+            self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------ shape sets
@@ -153,10 +183,16 @@ def _buckets_of(idx: Sequence[int], grads: list[torch.Tensor], keys: list[str]) 
     return buckets
 
 
-def _reducer_pass(method: str, keys: list[str], grads: list[torch.Tensor]) -> Pass:
-    """The registry method's reducer over a world of one, on DDP-sized buckets (see the module docstring)."""
+def _reducer_pass(
+    method: str, keys: list[str], grads: list[torch.Tensor], bucket_form: bool | None = None
+) -> Pass:
+    """The registry method's reducer over a world of one, on DDP-sized buckets (see the module docstring);
+    ``bucket_form`` forces an element-wise compressor's form (None: the device's default)."""
     # With the NaN policy that ddp_hook and gradzip train default to: its screen and staged residuals included.
     reducer = get_spec(method).build(make_config(method), SoloComm()).use_nan_policy("skip")
+    if bucket_form is not None:
+        assert isinstance(reducer, ElementwiseReducer)
+        reducer.bucket_form = bucket_form
     cache: dict[tuple[int, ...], list[Bucket]] = {}
 
     def prepare(idx: Sequence[int]) -> None:
@@ -219,7 +255,21 @@ def _make_pass(method: str, keys: list[str], grads: list[torch.Tensor]) -> tuple
     """The pass of ``method`` and its note, with the options every method has by default."""
     if method == REFERENCE:
         return _topk_reference_pass(TopKConfig().density, grads), _note(method)
+    if method in FORMS:
+        base, bucket_form = FORMS[method]
+        form = "one set of calls per bucket" if bucket_form else "per tensor"
+        return _reducer_pass(SHIPPED[base], keys, grads, bucket_form), f"{_note(base)}; {form}"
     return _reducer_pass(SHIPPED[method], keys, grads), _note(method)
+
+
+def _count_calls(work: Pass, n: int) -> int:
+    """Torch operator calls in one (untimed) pass over the whole set."""
+    everything = list(range(n))
+    work.prepare(everything)
+    counter = CallCounter()
+    with counter:
+        work.run(everything)
+    return sum(counter.calls.values())
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -262,9 +312,9 @@ def _measure(
 def _resolve_methods(methods: Sequence[str] | None) -> list[str]:
     if methods is None:
         return list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in FORMS]
     if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {unknown[0]!r}; valid methods: {', '.join([*METHODS, *FORMS])}")
     chosen = list(dict.fromkeys(methods))
     # top-k is read against the bare selection it is built on: the reference row comes along.
     if "topk" in chosen and REFERENCE not in chosen:
@@ -336,6 +386,7 @@ def _run(
     for method in chosen:
         work, note = _make_pass(method, keys, grads)
         seconds, sub_note = _measure(work, numels, repeats, dev, pass_budget_s)
+        calls = _count_calls(work, len(numels))  # over the whole set, even where the timing took a subset
         gbps = nbytes / seconds / 1e9
         results.append(
             KernelResult(
@@ -347,6 +398,7 @@ def _run(
                 copy_gbytes_per_s=copy_gbps,
                 fraction_of_copy=gbps / copy_gbps,
                 note="; ".join(n for n in (note, sub_note) if n),
+                calls=calls,
             )
         )
         del work  # frees the method's residuals and factors before the next one allocates its own
@@ -356,13 +408,14 @@ def _run(
 def format_table(results: Sequence[KernelResult]) -> str:
     """A markdown table, one row per result."""
     lines = [
-        "| method | shapes | numel | ms/pass | GB/s | copy GB/s | of copy | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| method | shapes | numel | ms/pass | GB/s | copy GB/s | of copy | torch calls | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
+        calls = "" if r.calls is None else f"{r.calls:,}"
         lines.append(
             f"| {r.method} | {r.shapes} | {r.numel:,} | {1e3 * r.seconds:.2f} | {r.gbytes_per_s:.2f} "
-            f"| {r.copy_gbytes_per_s:.2f} | {r.fraction_of_copy:.3f} | {r.note} |"
+            f"| {r.copy_gbytes_per_s:.2f} | {r.fraction_of_copy:.3f} | {calls} | {r.note} |"
         )
     return "\n".join(lines)
 

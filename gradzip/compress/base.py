@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gradzip.compress.fusion import Segments
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -206,6 +208,42 @@ class Compressor:
                 self.aggregate([p[r : r + 1] for p in payload], m, ctx, out=out[r])  # the mean of one row
             return
         out.copy_(self.decode(payload, None, m))
+
+    # ---- buckets: every tensor of a bucket in one set of torch calls (the element-wise all-gather pattern)
+
+    #: Elements per 8 bytes of the payload's body in the bucket form (``encode_bucket``); 0: no bucket form.
+    #: A compressor with one has a payload of one float32 (the head: a scale or a norm) and a body of
+    #: fixed-width elements per tensor.
+    bucket_granule: int = 0
+
+    def batch_bucket(self, device: torch.device) -> bool:
+        """Whether the element-wise reducer runs ``encode_bucket`` and ``aggregate_bucket`` over a bucket on
+        ``device``: a fixed number of torch calls per bucket however many tensors it holds, where a launch
+        costs more than the work (CUDA: ResNet-50 has 161 tensors), rather than ``encode`` and ``aggregate``
+        per tensor (the CPU, where the C kernels make each tensor one sweep)."""
+        return False
+
+    def encode_bucket(
+        self,
+        seg: Segments,
+        xs: list[torch.Tensor],
+        adds: list[torch.Tensor] | None,
+        residual_into: list[torch.Tensor] | None,
+        streams: list[str],
+        step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode the flat tensors ``xs + adds`` (error feedback's ``p = u + e`` when ``adds`` is given) as
+        ``encode`` would each from the stream of (``streams[t]``, ``step``): ``(head, body)``, the heads
+        ``[T]`` float32 and the bodies end to end in ``seg``'s padded layout as bytes (padding zero). With
+        ``residual_into``, tensor ``t``'s error-feedback residual ``p - decode(encode(p))`` is written to
+        ``residual_into[t]``."""
+        raise NotImplementedError(f"compressor {self.name!r} has no bucket form")
+
+    def aggregate_bucket(self, head: torch.Tensor, body: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """Mean over workers of the decoded payloads of a bucket (``head`` ``[world, T]``, ``body``
+        ``[world, bytes]``), in ``seg``'s padded layout: what ``aggregate`` gives per tensor, one worker at a
+        time (O(numel) extra memory whatever the worker count)."""
+        raise NotImplementedError(f"compressor {self.name!r} has no bucket form")
 
     def residual_(self, p: torch.Tensor, payload: list[torch.Tensor], ctx: Any) -> torch.Tensor:
         """Turn ``p`` into ``p - decode(encode(p))`` in place (the new error-feedback residual)."""

@@ -80,3 +80,57 @@ def split_message(msg: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]
     """Flat segments of ``msg`` of the given sizes, end to end."""
     offs = flat_offsets(sizes)
     return [msg[a:b] for a, b in zip(offs, offs[1:], strict=False)]
+
+
+class Segments:
+    """The tensors of a bucket end to end in one flat buffer, each padded to a multiple of ``granule``
+    elements: the body of a bucket's message in the compressors' one-call-per-bucket form
+    (``Compressor.encode_bucket``), where one torch call covers every tensor instead of one call each.
+
+    With the granule a compressor chooses (64 sign bits, 8 int8 levels: 8 bytes either way), tensor ``t``'s
+    payload in the padded body starts where its segment starts in a ``ByteLayout`` of the same tensors, so
+    the body is that layout's byte range as is. ``counts``, ``lengths`` and ``starts`` live on the device the
+    buffer was made on, made once per bucket."""
+
+    def __init__(self, sizes: Sequence[int], granule: int, device: torch.device) -> None:
+        self.sizes = list(sizes)
+        self.granule = granule
+        self.padded = [-(-n // granule) * granule for n in self.sizes]
+        offs = flat_offsets(self.padded)
+        self.starts, self.total = offs[:-1], offs[-1]
+        self.device = device
+        self.lengths = torch.tensor(self.padded, dtype=torch.int64, device=device)
+        # element counts for means (at least 1: an empty tensor's sum is 0, its mean 0 rather than NaN)
+        self.counts = torch.tensor([max(n, 1) for n in self.sizes], dtype=torch.float64, device=device)
+        self.start_at = torch.tensor(self.starts, dtype=torch.int64, device=device)
+        self._fills: dict[float, torch.Tensor] = {}
+
+    def cat(self, tensors: Sequence[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+        """The flat tensors laid end to end, each padded with ``fill``: one ``torch.cat``."""
+        pad = self._fills.get(fill)
+        if pad is None:
+            pad = self._fills[fill] = torch.full(
+                (self.granule,), fill, dtype=torch.float32, device=self.device
+            )
+        parts: list[torch.Tensor] = []
+        for t, n, m in zip(tensors, self.sizes, self.padded, strict=True):
+            parts.append(t.reshape(-1))
+            if m > n:
+                parts.append(pad[: m - n])
+        if not parts:
+            return pad[:0].clone()
+        return torch.cat(parts)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor's (unpadded) part of a padded flat buffer."""
+        return [flat[a : a + n] for a, n in zip(self.starts, self.sizes, strict=True)]
+
+    def ids(self) -> torch.Tensor:
+        """Each element's tensor (``[total]``, int64): ``values[ids]`` spreads one value per tensor over its
+        padded segment. Made per call, not kept: it would hold twice the bucket's memory."""
+        tensors = torch.arange(len(self.sizes), dtype=torch.int64, device=self.device)
+        return torch.repeat_interleave(tensors, self.lengths, output_size=self.total)
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each element's index within its own tensor (``[total]``, int64), from ``ids()``."""
+        return torch.arange(self.total, dtype=torch.int64, device=self.device) - self.start_at[ids]

@@ -21,6 +21,7 @@ import torch
 
 from gradzip.compress import elementwise_kernels as kernels
 from gradzip.compress.base import Capabilities, Compressor
+from gradzip.compress.fusion import Segments
 
 _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # below 2^31: a 32-bit value times it fits an int64, so torch computes the C hash exactly
@@ -37,7 +38,11 @@ def counter_uniforms(
 ) -> torch.Tensor:
     """Element ``j``'s uniform in [0, 1) (24 random bits) under ``key``: what ``_elementwise.c``'s ``ew_quantize_range`` draws.
     Keys may be ``[rows, 1]`` int64 tensors: one row of uniforms per key."""
-    i = torch.arange(n, dtype=torch.int64, device=device)
+    return uniforms_at(torch.arange(n, dtype=torch.int64, device=device), key)
+
+
+def uniforms_at(i: torch.Tensor, key: tuple[int | torch.Tensor, int | torch.Tensor]) -> torch.Tensor:
+    """``counter_uniforms`` at element indices ``i`` (int64), under keys that broadcast against them."""
     x = _mix((_mix((i & _M32) ^ key[0]) + ((i >> 32) ^ key[1])) & _M32)
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
@@ -77,13 +82,18 @@ class QSGD(Compressor):
         return self.levels / norm.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _levels(
-        self, x: torch.Tensor, norm: torch.Tensor, key: tuple[int | torch.Tensor, int | torch.Tensor]
+        self,
+        x: torch.Tensor,
+        norm: torch.Tensor,
+        key: tuple[int | torch.Tensor, int | torch.Tensor],
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The torch path of the rounding: signed levels of ``x`` (``[m]``, or ``[rows, m]`` with ``norm`` and
-        the keys ``[rows, 1]``)."""
+        the keys ``[rows, 1]``, or a bucket's padded ``[total]`` with per-element norms, keys and counters
+        ``at``)."""
         a = x.abs() * self._scale(norm)
         floor = a.floor()
-        u = counter_uniforms(x.shape[-1], key, x.device)
+        u = counter_uniforms(x.shape[-1], key, x.device) if at is None else uniforms_at(at, key)
         level = floor + (u < a - floor).to(torch.float32)
         return (torch.sign(x) * level).to(torch.int8)
 
@@ -100,6 +110,43 @@ class QSGD(Compressor):
         key = torch.tensor(keys, dtype=torch.int64, device=x.device).reshape(-1, 2)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
         return [norm, self._levels(x, norm, (key[:, :1], key[:, 1:]))], None
+
+    bucket_granule = 8  # 8 int8 levels: 8 bytes
+
+    def batch_bucket(self, device: torch.device) -> bool:
+        return not kernels.serves_on(device)
+
+    def encode_bucket(
+        self,
+        seg: Segments,
+        xs: list[torch.Tensor],
+        adds: list[torch.Tensor] | None,
+        residual_into: list[torch.Tensor] | None,
+        streams: list[str],
+        step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = []
+        for stream in streams:  # each tensor's key from its own stream, as encode draws it (CPU draws)
+            self.select_stream(stream, step)
+            keys.append(self._key())
+        key = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2).to(seg.device)
+        x = seg.cat(xs)  # padding 0: level 0
+        if adds is not None:
+            x.add_(seg.cat(adds))
+        norms = torch.stack(torch._foreach_norm(seg.views(x), 2, dtype=torch.float64)).to(torch.float32)
+        ids = seg.ids()
+        q = self._levels(x, norms[ids], (key[:, 0][ids], key[:, 1][ids]), seg.positions(ids))
+        if residual_into is not None:
+            decoded = q.to(torch.float32).mul_((norms / self.levels)[ids])
+            torch._foreach_copy_(residual_into, seg.views(x.sub_(decoded)))
+        return norms, q.view(torch.uint8)
+
+    def aggregate_bucket(self, head: torch.Tensor, body: torch.Tensor, seg: Segments) -> torch.Tensor:
+        out = torch.zeros(seg.total, dtype=torch.float32, device=body.device)
+        step, ids = head / self.levels, seg.ids()
+        for w in range(head.shape[0]):  # one worker at a time, in rank order, as aggregate
+            out.add_(body[w].view(torch.int8).to(torch.float32).mul_(step[w][ids]))
+        return out.mul_(1.0 / head.shape[0])
 
     def decode(self, payload: list[torch.Tensor], ctx: Any, numel: int) -> torch.Tensor:
         norm, q = payload

@@ -13,6 +13,7 @@ import torch
 
 from gradzip.compress import elementwise_kernels as kernels
 from gradzip.compress.base import Capabilities, Compressor, compensate_into
+from gradzip.compress.fusion import Segments
 
 
 @functools.cache
@@ -71,7 +72,8 @@ class ScaledSign(Compressor):
             return [scale, bits], None
         if add is not None:
             compensate_into(*add, x)
-        total_t = x.abs().sum(dtype=torch.float64)
+        # vector_norm, as torch._foreach_norm in the bucket form computes it: the same sum, the same bits
+        total_t = torch.linalg.vector_norm(x, 1, dtype=torch.float64)
         scale = (total_t / n if n else total_t).to(torch.float32).reshape(1)
         return [scale, pack_bits(x >= 0)], None
 
@@ -82,9 +84,49 @@ class ScaledSign(Compressor):
         self, x: torch.Tensor, streams: list[str], step: int
     ) -> tuple[list[torch.Tensor], Any]:
         m = x.shape[1]
-        total = x.abs().sum(1, dtype=torch.float64, keepdim=True)
+        total = torch.linalg.vector_norm(x, 1, dim=1, keepdim=True, dtype=torch.float64)
         scale = (total / m if m else total).to(torch.float32)
         return [scale, pack_bits(x >= 0)], None
+
+    bucket_granule = 64  # 64 sign bits: 8 bytes
+
+    def batch_bucket(self, device: torch.device) -> bool:
+        return not kernels.serves_on(device)
+
+    def encode_bucket(
+        self,
+        seg: Segments,
+        xs: list[torch.Tensor],
+        adds: list[torch.Tensor] | None,
+        residual_into: list[torch.Tensor] | None,
+        streams: list[str],
+        step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Padding -1: a zero bit, as pack_bits pads.
+        x = seg.cat(xs, -1.0)
+        if adds is not None:
+            x.add_(seg.cat(adds))
+        # One multi-tensor reduction for every scale (on the CPU, vector_norm per tensor: encode's own sum).
+        totals = torch.stack(torch._foreach_norm(seg.views(x), 1, dtype=torch.float64))
+        scale = (totals / seg.counts).to(torch.float32)
+        positive = x >= 0
+        if residual_into is not None:
+            s = scale[seg.ids()]
+            # p - scale * sign(p), each case exactly as residual_'s p - (+-1 * scale)
+            torch._foreach_copy_(residual_into, seg.views(torch.where(positive, x - s, x + s)))
+        return scale, pack_bits(positive)
+
+    def aggregate_bucket(self, head: torch.Tensor, body: torch.Tensor, seg: Segments) -> torch.Tensor:
+        world, ids = head.shape[0], seg.ids()
+        out = torch.zeros(seg.total, dtype=torch.float32, device=body.device)
+        if self.majority_vote:
+            for w in range(world):
+                out.add_(unpack_bits(body[w], seg.total).to(torch.float32).mul_(2).sub_(1))
+            return torch.sign(out).mul_(head.mean(0)[ids])
+        for w in range(world):  # one worker at a time, in rank order, as aggregate
+            s = head[w][ids]
+            out.add_(torch.where(unpack_bits(body[w], seg.total), s, -s))
+        return out.mul_(1.0 / world)
 
     def _signs(self, bits: torch.Tensor, numel: int) -> torch.Tensor:
         return unpack_bits(bits, numel).to(torch.float32) * 2 - 1

@@ -10,6 +10,7 @@ all-reduce it does not. The gathered payloads are decoded one worker at a time, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,10 @@ from gradzip.comm.collectives import Comm
 from gradzip.comm.finite import first_nonfinite, nonfinite
 from gradzip.compress.base import Compressor, check_pairing, is_matrix_worth_it
 from gradzip.compress.feedback import ErrorFeedback, Staged, Velocity, encode_with_feedback
-from gradzip.compress.fusion import ByteLayout, split_message
+from gradzip.compress.fusion import ByteLayout, Segments, split_message
 from gradzip.reducers.reducer import Bucket, Reducer, new_future
+
+_HEAD = 8  # bytes of a bucket-form payload's head in the message: one float32, padded to the alignment
 
 
 @dataclass
@@ -29,7 +32,15 @@ class _Plan:
     compressed: list[int]
     raw: list[int]
     sizes: list[int]  # float32 all-reduce segments: compressed payloads if summable, then raw tensors
-    layout: ByteLayout | None  # not summable: byte layout of the all-gathered compressed payloads
+    # Not summable: byte layout of the all-gathered compressed payloads, segment-major (every tensor's first
+    # payload segment, then every tensor's second...): the bucket form's heads and bodies are then each one
+    # contiguous range of the message, and the per-tensor form fills the same bytes.
+    layout: ByteLayout | None
+    segments: Segments | None = None  # the bucket form's padded layout, when it runs
+
+    def payload_views(self, views: list[torch.Tensor], j: int) -> list[torch.Tensor]:
+        """The segments of the ``j``-th compressed tensor's payload among the layout's ``views``."""
+        return views[j :: len(self.compressed)]
 
 
 def _all_of(
@@ -70,6 +81,10 @@ class ElementwiseReducer(Reducer):
         # that error feedback releases; accumulating velocity u = m*u + g here instead, and masking the
         # entries just sent, keeps the effective update close to momentum SGD.
         self.velocity = Velocity(momentum_correction)
+        #: The compressor's one-call-per-bucket form (``Compressor.encode_bucket``): None lets the compressor
+        #: choose by device (CUDA yes, the CPU's C kernels no); True or False forces it where the compressor
+        #: has one (the tests compare both forms on the CPU).
+        self.bucket_form: bool | None = None
 
     def _make_plan(self, bucket: Bucket) -> _Plan:
         comp = self.compressor
@@ -79,11 +94,26 @@ class ElementwiseReducer(Reducer):
             sent = ByteLayout(comp.payload_spec(g.numel())).nbytes  # with the alignment padding
             worth = is_matrix_worth_it(g.shape, sent, self.min_rate, g.element_size())
             (compressed if worth else raw).append(i)
-        specs = [s for i in compressed for s in comp.payload_spec(bucket.grads[i].numel())]
         raw_sizes = [bucket.grads[i].numel() for i in raw]
+        per_tensor = [comp.payload_spec(bucket.grads[i].numel()) for i in compressed]
         if comp.caps.summable:
-            return _Plan(compressed, raw, [n for _, n in specs] + raw_sizes, None)
-        return _Plan(compressed, raw, raw_sizes, ByteLayout(specs))
+            return _Plan(compressed, raw, [n for spec in per_tensor for _, n in spec] + raw_sizes, None)
+        width = len(per_tensor[0]) if per_tensor else 0
+        layout = ByteLayout([spec[k] for k in range(width) for spec in per_tensor])
+        plan = _Plan(compressed, raw, raw_sizes, layout)
+        device = bucket.buffer.device
+        if compressed and self._bucket_form(device):
+            sizes = [bucket.grads[i].numel() for i in compressed]
+            plan.segments = Segments(sizes, comp.bucket_granule, device)
+            # the heads (one float32 each, 8 bytes with the padding), then the bodies as Segments lays them
+            assert layout.nbytes == _HEAD * len(compressed) + plan.segments.total // comp.bucket_granule * 8
+        return plan
+
+    def _bucket_form(self, device: torch.device) -> bool:
+        comp = self.compressor
+        if self.bucket_form is not None and comp.bucket_granule:
+            return self.bucket_form
+        return bool(comp.bucket_granule) and comp.batch_bucket(device)
 
     def staged_state(self) -> list[Staged]:
         return [self.velocity] + ([self.ef] if self.ef is not None else [])
@@ -106,6 +136,8 @@ class ElementwiseReducer(Reducer):
         plan: _Plan = self.plan(bucket, self._make_plan)
         comp, world = self.compressor, self.comm.world
         screen = self.nan_policy != "off" and self.screens_itself(bucket)
+        if plan.segments is not None:
+            return self._start_bucket_form(bucket, plan, screen)
         payloads: list[torch.Tensor] = []
         ctxs: list[Any] = []
         for i in plan.compressed:
@@ -124,14 +156,9 @@ class ElementwiseReducer(Reducer):
                     t.zero_()
             payloads += payload
             ctxs.append(ctx)
-        raw = [self._with_momentum(bucket, i) for i in plan.raw]
         nc = len(plan.compressed)
-
-        def copy_raw(parts: list[torch.Tensor]) -> None:
-            for part, i in zip(parts, plan.raw, strict=True):
-                bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
-
         if plan.layout is None:  # summable: one all-reduce, decode the sum
+            raw = [self._with_momentum(bucket, i) for i in plan.raw]
             payloads += raw
             msg = torch.cat(payloads) if payloads else bucket.buffer.new_zeros(0)
 
@@ -140,33 +167,80 @@ class ElementwiseReducer(Reducer):
                 for j, i in enumerate(plan.compressed):
                     g = bucket.grads[i]
                     g.copy_(comp.decode([parts[j]], ctxs[j], g.numel()).view_as(g))
-                copy_raw(parts[nc:])
+                for part, i in zip(parts[nc:], plan.raw, strict=True):
+                    bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
 
             return self.defer(bucket, self.comm.all_reduce(msg), finish_sum)
         # not summable: all-gather the payloads, all-reduce the raw tensors (pre-divided: the sum is the mean)
         layout = plan.layout
-        gathered = self.comm.all_gather(layout.pack(payloads, bucket.buffer.device)) if nc else None
+        width = len(payloads) // nc if nc else 0
+        segment_major = [payloads[j * width + k] for k in range(width) for j in range(nc)]
+        gathered = self.comm.all_gather(layout.pack(segment_major, bucket.buffer.device)) if nc else None
+
+        def aggregate(message: torch.Tensor) -> None:
+            views = layout.views(message)
+            for j, i in enumerate(plan.compressed):
+                g = bucket.grads[i]
+                # Decoded one worker at a time straight into the gradient: no [world, numel] temporary.
+                comp.aggregate(plan.payload_views(views, j), g.numel(), out=g.view(-1))
+
+        return self._gather_and_reduce(bucket, plan, gathered, screen, aggregate)
+
+    def _gather_and_reduce(
+        self,
+        bucket: Bucket,
+        plan: _Plan,
+        gathered: Future[torch.Tensor] | None,
+        screen: bool,
+        aggregate: Callable[[torch.Tensor], None],
+    ) -> Future[torch.Tensor]:
+        """All-reduce the raw tensors beside the all-gather of the compressed payloads (already started);
+        when both are done, ``aggregate`` the gathered message into the gradients and copy the raw back."""
+        raw = [self._with_momentum(bucket, i) for i in plan.raw]
         reduced = None
         if raw:
             msg = torch.cat(raw)
             if screen and bool(nonfinite(msg)):
                 self.found_nonfinite(first_nonfinite(raw, [bucket.keys[i] for i in plan.raw]))
                 msg.zero_()
-            reduced = self.comm.all_reduce(msg.div_(world))
-        width = len(layout.specs) // nc if nc else 0
+            reduced = self.comm.all_reduce(msg.div_(self.comm.world))
 
         def finish_gather(_: object) -> None:
             # wait(), not value(): on CUDA it makes the current stream wait for the collective's.
             if gathered is not None:
-                views = layout.views(gathered.wait())
-                for j, i in enumerate(plan.compressed):
-                    g = bucket.grads[i]
-                    # Decoded one worker at a time straight into the gradient: no [world, numel] temporary.
-                    comp.aggregate(views[j * width : (j + 1) * width], g.numel(), out=g.view(-1))
+                aggregate(gathered.wait())
             if reduced is not None:
-                copy_raw(split_message(reduced.wait(), plan.sizes))
+                for part, i in zip(split_message(reduced.wait(), plan.sizes), plan.raw, strict=True):
+                    bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
 
         return self.defer(bucket, _all_of(gathered, reduced, bucket.buffer), finish_gather)
+
+    def _start_bucket_form(self, bucket: Bucket, plan: _Plan, screen: bool) -> Future[torch.Tensor]:
+        """The all-gather pattern with the compressor's bucket form: every compressed tensor of the bucket
+        encoded, and later decoded, by one set of torch calls (``Compressor.encode_bucket``)."""
+        comp, seg, nc = self.compressor, plan.segments, len(plan.compressed)
+        assert seg is not None and plan.layout is not None
+        keys = [bucket.keys[i] for i in plan.compressed]
+        us = [self._with_momentum(bucket, i) for i in plan.compressed]
+        adds = residual_into = None
+        if self.ef:
+            buffers = [self.ef.compensation_buffers(k, u) for k, u in zip(keys, us, strict=True)]
+            adds, residual_into = [e for e, _ in buffers], [p for _, p in buffers]
+        head, body = comp.encode_bucket(seg, us, adds, residual_into, keys, self.step)
+        if screen and bool(nonfinite(head)):  # a scale or norm shows a non-finite input
+            self.found_nonfinite(repr(keys[int(torch.nonzero(~torch.isfinite(head))[0])]))
+            head, body = torch.zeros_like(head), torch.zeros_like(body)
+        # each head padded to 8 bytes with zeros, as ByteLayout.pack pads it
+        heads = torch.nn.functional.pad(head.unsqueeze(1), (0, 1)).view(-1).view(torch.uint8)
+        gathered = self.comm.all_gather(torch.cat([heads, body]))
+        grads = [bucket.grads[i].view(-1) for i in plan.compressed]
+
+        def aggregate(message: torch.Tensor) -> None:
+            world_heads = message[:, : _HEAD * nc].view(torch.float32)[:, ::2]
+            mean = comp.aggregate_bucket(world_heads, message[:, _HEAD * nc :], seg)
+            torch._foreach_copy_(grads, seg.views(mean))
+
+        return self._gather_and_reduce(bucket, plan, gathered, screen, aggregate)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

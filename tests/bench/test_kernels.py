@@ -33,11 +33,28 @@ def test_every_method_has_a_row_with_consistent_numbers(tiny_results: list[kerne
         assert math.isclose(r.fraction_of_copy, r.gbytes_per_s / r.copy_gbytes_per_s)
     # One copy measurement serves the whole set.
     assert len({r.copy_gbytes_per_s for r in tiny_results}) == 1
+    assert all(r.calls is not None and r.calls > 0 for r in tiny_results)  # every pass counted
+
+
+def test_form_rows_compare_the_bucket_form_with_the_per_tensor_form() -> None:
+    results = run_kernels(
+        "resnet50", ["sign-bucket", "sign-per-tensor", "qsgd-bucket", "qsgd-per-tensor"], repeats=1,
+        max_numel=150_000, pass_budget_s=None,
+    )  # fmt: skip
+    rows = {r.method: r for r in results}
+    assert "one set of calls per bucket" in rows["sign-bucket"].note
+    assert "per tensor" in rows["qsgd-per-tensor"].note
+    assert len(shape_sets("resnet50", max_numel=150_000)["resnet50"]) == 7
+    for name in ("sign", "qsgd"):
+        bucket, per_tensor = rows[f"{name}-bucket"].calls, rows[f"{name}-per-tensor"].calls
+        assert bucket is not None and per_tensor is not None
+        # one bucket here: a fixed number of calls (tests/reducers/test_bucket_form.py), against some per tensor
+        assert bucket < per_tensor, (name, bucket, per_tensor)
 
 
 def test_format_table(tiny_results: list[kernels.KernelResult]) -> None:
     lines = format_table(tiny_results).splitlines()
-    assert lines[0].startswith("| method |") and "of copy" in lines[0]
+    assert lines[0].startswith("| method |") and "of copy" in lines[0] and "torch calls" in lines[0]
     assert set(lines[1]) <= set("|-:")
     assert len(lines) == 2 + len(tiny_results)
     for line, r in zip(lines[2:], tiny_results, strict=True):

@@ -1,0 +1,128 @@
+"""The element-wise compressors' bucket form (``Compressor.encode_bucket``/``aggregate_bucket``): what CUDA runs,
+one set of torch calls per bucket. On the CPU it is forced (``ElementwiseReducer.bucket_form``) and compared
+with the per-tensor form the CPU runs by default: the same gradients and residuals, bit for bit, on real
+workers; and a count of the torch calls that does not grow with the number of tensors in the bucket."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+
+from gradzip.bench.kernels import CallCounter
+from gradzip.comm.collectives import Comm, SoloComm
+from gradzip.comm.finite import NonFiniteGradient
+from gradzip.reducers.elementwise import ElementwiseReducer
+from gradzip.reducers.reducer import Bucket
+from gradzip.registry import get_spec, make_config
+from tests.distributed import run_workers
+
+# Odd shapes, a one-element and an empty matrix among them (min_compression_rate 0 compresses every matrix);
+# the 1-D tensor travels raw beside them.
+SHAPES = [(33, 17), (1, 1), (0, 5), (7,), (64, 9), (3, 100)]
+KEYS = [f"t{i}" for i in range(len(SHAPES))]
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("signsgd", {}),
+    ("signsgd", {"majority_vote": True}),
+    ("qsgd", {}),
+    ("qsgd", {"error_feedback": True, "levels": 127}),
+]
+
+
+def _reducer(name: str, options: dict[str, Any], comm: Comm, form: bool | None) -> ElementwiseReducer:
+    cfg = make_config(name, min_compression_rate=0.0, **options)
+    reducer = get_spec(name).build(cfg, comm).use_nan_policy("skip")
+    assert isinstance(reducer, ElementwiseReducer)
+    reducer.bucket_form = form
+    return reducer
+
+
+def _grads(rank: int, step: int, shapes: list[tuple[int, ...]] = SHAPES) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return [torch.randn(s, generator=g) * (1 + i) for i, s in enumerate(shapes)]
+
+
+def _both_forms(rank: int, world: int) -> list[dict[str, Any]]:
+    out = []
+    for name, options in CASES:
+        got: dict[bool, Any] = {}
+        for form in (False, True):
+            reducer = _reducer(name, options, Comm(), form)
+            steps = []
+            for step in range(3):
+                bucket = Bucket.of(_grads(rank, step), KEYS)
+                reducer.launch(bucket).wait()
+                steps.append(bucket.buffer.clone())
+            residuals = dict(reducer.ef.residuals) if reducer.ef else {}
+            (plan,) = reducer._plans.values()
+            got[form] = (steps, residuals, plan.segments is not None)
+        out.append({"case": (name, options), "per_tensor": got[False], "bucket": got[True]})
+    return out
+
+
+def test_bucket_form_matches_the_per_tensor_form_on_three_workers() -> None:
+    results = run_workers(_both_forms, 3, timeout=240)
+    for rank_results in results:
+        for r in rank_results:
+            (a, ra, per_tensor_ran_bucket_form), (b, rb, bucket_form_ran) = r["per_tensor"], r["bucket"]
+            case = r["case"]
+            assert bucket_form_ran and not per_tensor_ran_bucket_form, case
+            for step, (x, y) in enumerate(zip(a, b, strict=True)):
+                assert torch.equal(x, y), (case, step, float((x - y).abs().max()))
+            assert ra.keys() == rb.keys(), case
+            for k in ra:
+                assert torch.equal(ra[k], rb[k]), (case, k)
+            if case[0] == "signsgd" or case[1].get("error_feedback"):
+                assert len(ra) == 5, case  # every matrix has a residual: error feedback really ran
+    # every worker ends with the same gradients (a mean over all three, not a local decode)
+    for i in range(len(CASES)):
+        first = results[0][i]["bucket"][0][-1]
+        for rank_results in results[1:]:
+            assert torch.equal(rank_results[i]["bucket"][0][-1], first)
+    # Negative control: the workers' own gradients differ, so agreeing is not vacuous.
+    assert not torch.equal(_grads(0, 2)[0], _grads(1, 2)[0])
+
+
+# Drawn on the CPU generator whatever the device: two numbers per tensor for QSGD's key, not a device launch.
+CPU_DRAWS = {"aten.randint"}
+
+
+def _calls(name: str, options: dict[str, Any], tensors: int, form: bool) -> Counter[str]:
+    reducer = _reducer(name, options, SoloComm(), form)
+    shapes = [(16 + i, 8) for i in range(tensors)]
+    keys = [f"w{i}" for i in range(tensors)]
+    for step in range(2):  # plans, allocates the residuals and their staged spares
+        reducer.launch(Bucket.of(_grads(0, step, shapes), keys)).wait()
+    bucket = Bucket.of(_grads(0, 2, shapes), keys)
+    counter = CallCounter()
+    with counter:
+        reducer.launch(bucket).wait()
+    return Counter({k: v for k, v in counter.calls.items() if k not in CPU_DRAWS})
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_bucket_form_calls_do_not_grow_with_the_tensors(name: str, options: dict[str, Any]) -> None:
+    few, many = _calls(name, options, 4, True), _calls(name, options, 40, True)
+    assert few == many, (few, many)
+    assert sum(many.values()) < 120  # the whole bucket: encode, message, aggregate, raw all-reduce
+    # Negative control: the per-tensor form makes calls for every tensor.
+    assert sum(_calls(name, options, 40, False).values()) > 3 * sum(_calls(name, options, 4, False).values())
+
+
+def test_bucket_form_screens_a_non_finite_tensor_by_its_head() -> None:
+    grads = _grads(0, 0)
+    grads[4][3, 2] = float("nan")
+    reducer = _reducer("signsgd", {}, SoloComm(), True).use_nan_policy("raise")
+    with pytest.raises(NonFiniteGradient, match=r"in 't4'"):
+        reducer.launch(Bucket.of(grads, KEYS))
+    skipping = _reducer("signsgd", {}, SoloComm(), True)
+    bucket = Bucket.of(grads, KEYS)
+    skipping.launch(bucket).wait()
+    assert skipping.step_skipped and skipping.skipped_steps == 1 and not skipping.ef.residuals
+    # Control: the same bucket without the NaN goes through, compressed.
+    clean = _reducer("signsgd", {}, SoloComm(), True).use_nan_policy("raise")
+    bucket = Bucket.of(_grads(0, 0), KEYS)
+    clean.launch(bucket).wait()
+    assert not clean.step_skipped and len(clean.ef.residuals) == 5

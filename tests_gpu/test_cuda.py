@@ -29,7 +29,8 @@ from tests.integrations.test_nonfinite import check_skipped, skip_cases
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 METHODS = gradzip.methods("hook")
-# Their random draws come from a generator on the tensors' device, whose stream differs from the CPU's.
+# Random-k draws from a generator on the tensors' device, whose stream differs from the CPU's. QSGD's keys
+# come from the CPU generator on both, so it could be compared too; it stays out until a GPU run shows it.
 DEVICE_RANDOM = {"randomk", "qsgd"}
 
 
@@ -157,6 +158,33 @@ def test_bucket_form_on_cuda_launches_per_bucket_and_matches_the_per_tensor_form
         torch.testing.assert_close(bucket_out, per_tensor_out, rtol=1e-5, atol=0)
     else:
         assert float((gap > 1e-6).float().mean()) < 1e-3, float((gap > 1e-6).float().mean())
+
+
+@pytest.mark.parametrize("name", ["signsgd", "qsgd"])
+def test_bucket_form_on_cuda_never_waits_for_the_gpu(name: str) -> None:
+    """The hook runs inside backward: a host sync there (a pageable upload, an .item()) would stall the queue.
+    With nan_policy off (the screen's vote syncs on purpose) one step makes none."""
+    from gradzip.comm.collectives import SoloComm
+    from gradzip.reducers.reducer import Bucket
+    from gradzip.registry import get_spec, make_config
+
+    reducer = get_spec(name).build(make_config(name), SoloComm()).use_nan_policy("off")
+    reducer.bucket_form = True  # type: ignore[attr-defined]
+    shapes = [(300 + 7 * i, 33) for i in range(8)]
+    buckets = [
+        Bucket.of([torch.randn(s, device="cuda") for s in shapes], [f"w{i}" for i in range(8)])
+        for _ in range(3)
+    ]
+    for b in buckets[:2]:  # allocations, the pinned host cache
+        reducer.launch(b).wait()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fut = reducer.launch(buckets[2])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    fut.wait()
+    assert torch.isfinite(buckets[2].buffer).all()
 
 
 def test_kernels_on_cuda() -> None:

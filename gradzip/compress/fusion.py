@@ -92,9 +92,14 @@ class Segments:
     the body is that layout's byte range as is. ``counts``, ``lengths`` and ``starts`` live on the device the
     buffer was made on, made once per bucket."""
 
-    def __init__(self, sizes: Sequence[int], granule: int, device: torch.device) -> None:
+    def __init__(
+        self, sizes: Sequence[int], granule: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.sizes = list(sizes)
         self.granule = granule
+        self.dtype = dtype  # the tensors': padding in it keeps torch.cat one batched copy, in their precision
+        # decoded sums: at least float32 (a bfloat16 model's mean is formed in float32, then stored)
+        self.sum_dtype = torch.promote_types(dtype, torch.float32)
         self.padded = [-(-n // granule) * granule for n in self.sizes]
         offs = flat_offsets(self.padded)
         self.starts, self.total = offs[:-1], offs[-1]
@@ -109,9 +114,7 @@ class Segments:
         """The flat tensors laid end to end, each padded with ``fill``: one ``torch.cat``."""
         pad = self._fills.get(fill)
         if pad is None:
-            pad = self._fills[fill] = torch.full(
-                (self.granule,), fill, dtype=torch.float32, device=self.device
-            )
+            pad = self._fills[fill] = torch.full((self.granule,), fill, dtype=self.dtype, device=self.device)
         parts: list[torch.Tensor] = []
         for t, n, m in zip(tensors, self.sizes, self.padded, strict=True):
             parts.append(t.reshape(-1))
@@ -126,9 +129,9 @@ class Segments:
         return [flat[a : a + n] for a, n in zip(self.starts, self.sizes, strict=True)]
 
     def ids(self) -> torch.Tensor:
-        """Each element's tensor (``[total]``, int64): ``values[ids]`` spreads one value per tensor over its
-        padded segment. Made per call, not kept: it would hold twice the bucket's memory."""
-        tensors = torch.arange(len(self.sizes), dtype=torch.int64, device=self.device)
+        """Each element's tensor (``[total]``, int32): ``values[ids]`` spreads one value per tensor over its
+        padded segment. Made per call, not kept: it would hold as much memory as the bucket."""
+        tensors = torch.arange(len(self.sizes), dtype=torch.int32, device=self.device)
         return torch.repeat_interleave(tensors, self.lengths, output_size=self.total)
 
     def positions(self, ids: torch.Tensor) -> torch.Tensor:

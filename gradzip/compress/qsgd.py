@@ -47,6 +47,14 @@ def uniforms_at(i: torch.Tensor, key: tuple[int | torch.Tensor, int | torch.Tens
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device``. To a GPU through pinned memory and asynchronously: a copy from pageable
+    memory would wait for every kernel queued so far, inside the backward pass."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class QSGD(Compressor):
     name = "qsgd"
     caps = Capabilities(summable=False, fixed_size=True, unbiased=True, reveals_nonfinite=True)  # the norm
@@ -86,12 +94,21 @@ class QSGD(Compressor):
         x: torch.Tensor,
         norm: torch.Tensor,
         key: tuple[int | torch.Tensor, int | torch.Tensor],
-        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The torch path of the rounding: signed levels of ``x`` (``[m]``, or ``[rows, m]`` with ``norm`` and
-        the keys ``[rows, 1]``, or a bucket's padded ``[total]`` with per-element norms, keys and counters
-        ``at``)."""
-        a = x.abs() * self._scale(norm)
+        the keys ``[rows, 1]``)."""
+        return self._round(x, self._scale(norm), key)
+
+    def _round(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        key: tuple[int | torch.Tensor, int | torch.Tensor],
+        at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``_levels`` from ``_scale(norm)``; a bucket's padded ``[total]`` takes per-element scales, keys and
+        counters ``at``."""
+        a = x.abs() * scale
         floor = a.floor()
         u = counter_uniforms(x.shape[-1], key, x.device) if at is None else uniforms_at(at, key)
         level = floor + (u < a - floor).to(torch.float32)
@@ -107,7 +124,7 @@ class QSGD(Compressor):
         for stream in streams:  # each row's key from its own stream, as encode draws it
             self.select_stream(stream, step)
             keys.append(self._key())
-        key = torch.tensor(keys, dtype=torch.int64, device=x.device).reshape(-1, 2)
+        key = _upload(torch.tensor(keys, dtype=torch.int64).reshape(-1, 2), x.device)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
         return [norm, self._levels(x, norm, (key[:, :1], key[:, 1:]))], None
 
@@ -129,20 +146,21 @@ class QSGD(Compressor):
         for stream in streams:  # each tensor's key from its own stream, as encode draws it (CPU draws)
             self.select_stream(stream, step)
             keys.append(self._key())
-        key = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2).to(seg.device)
+        key = _upload(torch.tensor(keys, dtype=torch.int64).reshape(-1, 2), seg.device)
         x = seg.cat(xs)  # padding 0: level 0
         if adds is not None:
             x.add_(seg.cat(adds))
         norms = torch.stack(torch._foreach_norm(seg.views(x), 2, dtype=torch.float64)).to(torch.float32)
         ids = seg.ids()
-        q = self._levels(x, norms[ids], (key[:, 0][ids], key[:, 1][ids]), seg.positions(ids))
+        # per-tensor scales spread over the elements: the same float32 per element as encode's
+        q = self._round(x, self._scale(norms)[ids], (key[:, 0][ids], key[:, 1][ids]), seg.positions(ids))
         if residual_into is not None:
             decoded = q.to(torch.float32).mul_((norms / self.levels)[ids])
             torch._foreach_copy_(residual_into, seg.views(x.sub_(decoded)))
         return norms, q.view(torch.uint8)
 
     def aggregate_bucket(self, head: torch.Tensor, body: torch.Tensor, seg: Segments) -> torch.Tensor:
-        out = torch.zeros(seg.total, dtype=torch.float32, device=body.device)
+        out = torch.zeros(seg.total, dtype=seg.sum_dtype, device=body.device)
         step, ids = head / self.levels, seg.ids()
         for w in range(head.shape[0]):  # one worker at a time, in rank order, as aggregate
             out.add_(body[w].view(torch.int8).to(torch.float32).mul_(step[w][ids]))

@@ -118,7 +118,7 @@ class ScaledSign(Compressor):
 
     def aggregate_bucket(self, head: torch.Tensor, body: torch.Tensor, seg: Segments) -> torch.Tensor:
         world, ids = head.shape[0], seg.ids()
-        out = torch.zeros(seg.total, dtype=torch.float32, device=body.device)
+        out = torch.zeros(seg.total, dtype=seg.sum_dtype, device=body.device)
         if self.majority_vote:
             for w in range(world):
                 out.add_(unpack_bits(body[w], seg.total).to(torch.float32).mul_(2).sub_(1))

@@ -104,7 +104,7 @@ class ElementwiseReducer(Reducer):
         device = bucket.buffer.device
         if compressed and self._bucket_form(device):
             sizes = [bucket.grads[i].numel() for i in compressed]
-            plan.segments = Segments(sizes, comp.bucket_granule, device)
+            plan.segments = Segments(sizes, comp.bucket_granule, device, bucket.buffer.dtype)
             # the heads (one float32 each, 8 bytes with the padding), then the bodies as Segments lays them
             assert layout.nbytes == _HEAD * len(compressed) + plan.segments.total // comp.bucket_granule * 8
         return plan

@@ -39,26 +39,33 @@ def _reducer(name: str, options: dict[str, Any], comm: Comm, form: bool | None) 
     return reducer
 
 
-def _grads(rank: int, step: int, shapes: list[tuple[int, ...]] = SHAPES) -> list[torch.Tensor]:
+def _grads(
+    rank: int, step: int, shapes: list[tuple[int, ...]] = SHAPES, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
-    return [torch.randn(s, generator=g) * (1 + i) for i, s in enumerate(shapes)]
+    return [(torch.randn(s, generator=g) * (1 + i)).to(dtype) for i, s in enumerate(shapes)]
+
+
+# float64 gradients (the torch path on both forms; the sums in float64 on both)
+FLOAT64_CASES = [("signsgd", {}), ("qsgd", {"error_feedback": True, "levels": 127})]
 
 
 def _both_forms(rank: int, world: int) -> list[dict[str, Any]]:
     out = []
-    for name, options in CASES:
+    cases = [(n, o, torch.float32) for n, o in CASES] + [(n, o, torch.float64) for n, o in FLOAT64_CASES]
+    for name, options, dtype in cases:
         got: dict[bool, Any] = {}
         for form in (False, True):
             reducer = _reducer(name, options, Comm(), form)
             steps = []
             for step in range(3):
-                bucket = Bucket.of(_grads(rank, step), KEYS)
+                bucket = Bucket.of(_grads(rank, step, dtype=dtype), KEYS)
                 reducer.launch(bucket).wait()
                 steps.append(bucket.buffer.clone())
             residuals = dict(reducer.ef.residuals) if reducer.ef else {}
             (plan,) = reducer._plans.values()
             got[form] = (steps, residuals, plan.segments is not None)
-        out.append({"case": (name, options), "per_tensor": got[False], "bucket": got[True]})
+        out.append({"case": (name, options, dtype), "per_tensor": got[False], "bucket": got[True]})
     return out
 
 
@@ -77,7 +84,8 @@ def test_bucket_form_matches_the_per_tensor_form_on_three_workers() -> None:
             if case[0] == "signsgd" or case[1].get("error_feedback"):
                 assert len(ra) == 5, case  # every matrix has a residual: error feedback really ran
     # every worker ends with the same gradients (a mean over all three, not a local decode)
-    for i in range(len(CASES)):
+    for i in range(len(CASES) + len(FLOAT64_CASES)):
+        assert results[0][i]["bucket"][0][-1].dtype == results[0][i]["case"][2]
         first = results[0][i]["bucket"][0][-1]
         for rank_results in results[1:]:
             assert torch.equal(rank_results[i]["bucket"][0][-1], first)
@@ -126,3 +134,20 @@ def test_bucket_form_screens_a_non_finite_tensor_by_its_head() -> None:
     bucket = Bucket.of(_grads(0, 0), KEYS)
     clean.launch(bucket).wait()
     assert not clean.step_skipped and len(clean.ef.residuals) == 5
+
+
+def test_bucket_form_keeps_bfloat16_gradients_in_their_own_dtype() -> None:
+    """bfloat16 gradients (padded in their own dtype, so the bucket is not promoted): the same residuals and
+    result as the per-tensor form, bit for bit, with one worker."""
+    got = {}
+    for form in (False, True):
+        reducer = _reducer("signsgd", {}, SoloComm(), form)
+        for step in range(3):  # from the second step on, p = e + g is rounded to bfloat16
+            bucket = Bucket.of(_grads(0, step, dtype=torch.bfloat16), KEYS)
+            reducer.launch(bucket).wait()
+        assert reducer.ef is not None and bucket.buffer.dtype == torch.bfloat16
+        got[form] = (bucket.buffer.clone(), {k: v.clone() for k, v in reducer.ef.residuals.items()})
+    assert torch.equal(got[False][0], got[True][0])
+    assert got[True][1].keys() == got[False][1].keys() and len(got[True][1]) == 5
+    for k, e in got[False][1].items():
+        assert e.dtype == torch.bfloat16 and torch.equal(got[True][1][k], e), k

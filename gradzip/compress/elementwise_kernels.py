@@ -40,12 +40,7 @@ def _lib(*ts: torch.Tensor) -> ctypes.CDLL | None:
 
 def serves(x: torch.Tensor) -> bool:
     """Whether the kernels take ``x`` (CPU float32, and the library built)."""
-    return x.dtype == torch.float32 and serves_on(x.device)
-
-
-def serves_on(device: torch.device) -> bool:
-    """Whether the kernels run on ``device`` (the CPU, and the library built)."""
-    return device.type == "cpu" and fused._library() is not None
+    return x.device.type == "cpu" and x.dtype == torch.float32 and fused._library() is not None
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int]:

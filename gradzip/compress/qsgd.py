@@ -130,9 +130,6 @@ class QSGD(Compressor):
 
     bucket_granule = 8  # 8 int8 levels: 8 bytes
 
-    def batch_bucket(self, device: torch.device) -> bool:
-        return not kernels.serves_on(device)
-
     def encode_bucket(
         self,
         seg: Segments,

@@ -90,9 +90,6 @@ class ScaledSign(Compressor):
 
     bucket_granule = 64  # 64 sign bits: 8 bytes
 
-    def batch_bucket(self, device: torch.device) -> bool:
-        return not kernels.serves_on(device)
-
     def encode_bucket(
         self,
         seg: Segments,

@@ -81,9 +81,9 @@ class ElementwiseReducer(Reducer):
         # that error feedback releases; accumulating velocity u = m*u + g here instead, and masking the
         # entries just sent, keeps the effective update close to momentum SGD.
         self.velocity = Velocity(momentum_correction)
-        #: The compressor's one-call-per-bucket form (``Compressor.encode_bucket``): None lets the compressor
-        #: choose by device (CUDA yes, the CPU's C kernels no); True or False forces it where the compressor
-        #: has one (the tests compare both forms on the CPU).
+        #: The compressor's one-set-of-calls-per-bucket form (``Compressor.encode_bucket``): None lets the
+        #: compressor choose by device (a GPU yes, the CPU no); False forces the per-tensor form, True the
+        #: bucket form (refused at the first bucket for a compressor without one). The tests compare both.
         self.bucket_form: bool | None = None
 
     def _make_plan(self, bucket: Bucket) -> _Plan:
@@ -111,9 +111,9 @@ class ElementwiseReducer(Reducer):
 
     def _bucket_form(self, device: torch.device) -> bool:
         comp = self.compressor
-        if self.bucket_form is not None and comp.bucket_granule:
-            return self.bucket_form
-        return bool(comp.bucket_granule) and comp.batch_bucket(device)
+        if self.bucket_form and not comp.bucket_granule:
+            raise ValueError(f"compressor {comp.name!r} has no bucket form (sign and qsgd have one)")
+        return comp.batch_bucket(device) if self.bucket_form is None else self.bucket_form
 
     def staged_state(self) -> list[Staged]:
         return [self.velocity] + ([self.ef] if self.ef is not None else [])

@@ -151,3 +151,14 @@ def test_bucket_form_keeps_bfloat16_gradients_in_their_own_dtype() -> None:
     assert got[True][1].keys() == got[False][1].keys() and len(got[True][1]) == 5
     for k, e in got[False][1].items():
         assert e.dtype == torch.bfloat16 and torch.equal(got[True][1][k], e), k
+
+
+def test_forcing_a_bucket_form_the_compressor_lacks_is_refused() -> None:
+    reducer = get_spec("topk").build(make_config("topk", min_compression_rate=0.0), SoloComm())
+    assert isinstance(reducer, ElementwiseReducer)
+    reducer.bucket_form = True
+    with pytest.raises(ValueError, match="'topk' has no bucket form"):
+        reducer.launch(Bucket.of(_grads(0, 0), KEYS))
+    reducer.bucket_form = False  # control: the per-tensor form is every compressor's
+    reducer.launch(Bucket.of(_grads(0, 0), KEYS)).wait()
+    assert reducer.step == 1

@@ -134,6 +134,8 @@ class Segments:
         tensors = torch.arange(len(self.sizes), dtype=torch.int32, device=self.device)
         return torch.repeat_interleave(tensors, self.lengths, output_size=self.total)
 
-    def positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Each element's index within its own tensor (``[total]``, int64), from ``ids()``."""
-        return torch.arange(self.total, dtype=torch.int64, device=self.device) - self.start_at[ids]
+    def positions(self, ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Each element's index within its own tensor (int64), for the elements from ``first`` on whose
+        ``ids()`` are ``ids``."""
+        here = torch.arange(first, first + ids.numel(), dtype=torch.int64, device=self.device)
+        return here - self.start_at[ids]

@@ -129,6 +129,8 @@ class QSGD(Compressor):
         return [norm, self._levels(x, norm, (key[:, :1], key[:, 1:]))], None
 
     bucket_granule = 8  # 8 int8 levels: 8 bytes
+    #: Elements rounded per pass of the bucket form: bounds its int64 temporaries to about 200 MB.
+    bucket_chunk = 1 << 22
 
     def encode_bucket(
         self,
@@ -148,9 +150,13 @@ class QSGD(Compressor):
         if adds is not None:
             x.add_(seg.cat(adds))
         norms = torch.stack(torch._foreach_norm(seg.views(x), 2, dtype=torch.float64)).to(torch.float32)
-        ids = seg.ids()
-        # per-tensor scales spread over the elements: the same float32 per element as encode's
-        q = self._round(x, self._scale(norms)[ids], (key[:, 0][ids], key[:, 1][ids]), seg.positions(ids))
+        ids, scale = seg.ids(), self._scale(norms)
+        q = torch.empty(seg.total, dtype=torch.int8, device=seg.device)
+        # In chunks: the counter hash works on int64 temporaries, some 50 bytes an element at the peak.
+        for a in range(0, seg.total, self.bucket_chunk):
+            b = min(a + self.bucket_chunk, seg.total)
+            at = ids[a:b]  # per-tensor scales and keys spread over the elements: encode's, element by element
+            q[a:b] = self._round(x[a:b], scale[at], (key[:, 0][at], key[:, 1][at]), seg.positions(at, a))
         if residual_into is not None:
             decoded = q.to(torch.float32).mul_((norms / self.levels)[ids])
             torch._foreach_copy_(residual_into, seg.views(x.sub_(decoded)))

@@ -162,3 +162,21 @@ def test_forcing_a_bucket_form_the_compressor_lacks_is_refused() -> None:
     reducer.bucket_form = False  # control: the per-tensor form is every compressor's
     reducer.launch(Bucket.of(_grads(0, 0), KEYS)).wait()
     assert reducer.step == 1
+
+
+def test_qsgd_rounds_a_bucket_in_chunks_as_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 40 elements: boundaries inside tensors and between them; the same bits as the per-tensor form."""
+    from gradzip.compress.qsgd import QSGD
+
+    got, whole = {}, QSGD.bucket_chunk
+    for form, chunk in ((False, whole), (True, whole), (True, 40)):
+        monkeypatch.setattr(QSGD, "bucket_chunk", chunk)
+        reducer = _reducer("qsgd", {"error_feedback": True, "levels": 127}, SoloComm(), form)
+        bucket = Bucket.of(_grads(0, 0), KEYS)
+        reducer.launch(bucket).wait()
+        assert reducer.ef is not None
+        got[form, chunk] = (bucket.buffer.clone(), dict(reducer.ef.residuals))
+    reference = got[False, whole]
+    for key in ((True, whole), (True, 40)):
+        assert torch.equal(got[key][0], reference[0]), key
+        assert all(torch.equal(got[key][1][k], e) for k, e in reference[1].items()), key

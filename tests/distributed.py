@@ -1,6 +1,7 @@
 """Run a function in N real processes on gloo and collect what each returns (the shared multi-process fixture).
 
-Each spawn costs a torch import per process, so a test runs many checks inside one call.
+The workers fork from a server that has imported torch once (``_context``); each still pays a process group's
+set-up, so a test runs many checks inside one call.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import io
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -39,8 +41,7 @@ def _entry(
     world: int,
     port: int,
     init: bool,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
+    work: bytes,
     queue: Any,
     environ: dict[str, str],
 ) -> None:
@@ -62,6 +63,8 @@ def _entry(
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         else:
             init_gloo(rank, world, port)
+        # Unpickled only now, after the environment is the caller's: it may import the test's module.
+        fn, args = pickle.loads(work)
         result = fn(rank, world, *args)
         # Tensors cross as bytes: torch's shared-memory handover breaks once the worker has exited.
         buf = io.BytesIO()
@@ -80,7 +83,8 @@ _CTX: Any = None
 def _context() -> Any:
     """A forkserver that has imported torch and gradzip once: each worker forks from it instead of starting a
     fresh interpreter that imports torch again (about 1 s per worker on 2 cores, for hundreds of workers in
-    the suite). The server imports only, starts no threads and no process group, so forking it is safe."""
+    the suite). The server imports only (numpy's BLAS thread aside, which survives a fork), starts no torch
+    thread pool and no process group, so forking it is safe."""
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
@@ -104,9 +108,9 @@ def run_workers(
     queue = ctx.SimpleQueue()
     port = free_port()
     environ = dict(os.environ)
+    work = pickle.dumps((fn, args))
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, init, fn, args, queue, environ))
-        for r in range(world)
+        ctx.Process(target=_entry, args=(r, world, port, init, work, queue, environ)) for r in range(world)
     ]
     for p in procs:
         p.start()

@@ -29,9 +29,11 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     bench.add_argument(
         "--methods",
         type=comma_list(str),
-        default=",".join(DEFAULT_METHODS),
-        help="comma-separated methods: registry names, floor, torch-powersgd, each with options as "
-        "NAME:KEY=VALUE[:KEY=VALUE], e.g. doublesqueeze:placement=server:servers=2 or powergossip:topology=torus",
+        default=None,
+        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}): registry names, floor, "
+        "torch-powersgd, each with options as NAME:KEY=VALUE[:KEY=VALUE], e.g. "
+        "doublesqueeze:placement=server:servers=2 or powergossip:topology=torus; with --kernels, kernel rows "
+        "(default every one; sign-bucket, sign-per-tensor, qsgd-bucket, qsgd-per-tensor on request)",
     )
     bench.add_argument(
         "--models",
@@ -151,8 +153,7 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     if args.kernels:
         from gradzip.bench import kernels
 
-        # --methods left at the grid's default: every kernel row (kernels.METHODS); else the rows named.
-        methods = None if args.methods == DEFAULT_METHODS else args.methods
+        methods = args.methods  # None: every kernel row (kernels.METHODS)
         # One CPU thread, like each worker of the emulated cluster; it also keeps the numbers stable on a
         # shared machine, where a second thread often waits milliseconds for a pre-empted core.
         try:
@@ -170,6 +171,8 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
         (args.out / "kernels.md").write_text(table)
         print(table)
         return 0
+    if args.methods is None:
+        args.methods = list(DEFAULT_METHODS)
     if args.time_to_accuracy:
         return _time_to_accuracy(args, usage_error)
     from gradzip.train.env import under_torchrun

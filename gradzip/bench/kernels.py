@@ -83,7 +83,9 @@ class KernelResult:
     note: str = ""
     calls: int | None = None
     """Torch operator calls in one pass over the whole set, views aside (a CUDA kernel launch each, or a
-    few); what the C kernels do on the CPU is not counted. Counted in one more pass over the whole set."""
+    few; an allocation counts too, without launching anything); what the C kernels do on the CPU is not counted.
+    Counted in one more pass over the whole set after the timed ones (for ACP-SGD, whichever of its P- and
+    Q-steps that pass falls on)."""
 
 
 class CallCounter(TorchDispatchMode):

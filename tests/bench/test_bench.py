@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -180,8 +181,16 @@ def test_references_come_from_the_same_group() -> None:
     assert rs[4]["speedup_vs_ssgd"] == 0.5 and rs[4]["vs_floor"] is None  # no floor in that group
 
 
-def test_plots_follow_the_axes_the_grid_has(tmp_path: Path) -> None:
-    from gradzip.bench import report
+def test_plots_follow_the_axes_the_grid_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: dict[str, Any] = {}
+    save = report._save
+
+    def capture(fig: Any, path: Path) -> Path:
+        ax = fig.axes[0]  # what each plot holds, read before it is saved and closed
+        drawn[path.name] = ([len(line.get_xdata()) for line in ax.lines], len(ax.patches))
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", capture)
 
     def result(method: str, bandwidth: str, workers: int, median: float) -> dict:
         spec = dict(model="m", workers=workers, bandwidth=bandwidth, latency="0ms", batch_size=8,
@@ -198,6 +207,10 @@ def test_plots_follow_the_axes_the_grid_has(tmp_path: Path) -> None:
     written = {p.name for p in report.plots(rs, tmp_path)}
     assert written == {"time_vs_bandwidth.png", "speedup_vs_workers.png", "breakdown.png"}
     assert all((tmp_path / name).stat().st_size > 1000 for name in written)
+    assert drawn["time_vs_bandwidth.png"][0] == [2, 2, 2]  # floor, ssgd, acpsgd at two bandwidths each
+    lines, _ = drawn["speedup_vs_workers.png"]
+    assert lines.count(2) >= 2  # ssgd and acpsgd at two worker counts (beside the 1.0 line)
+    assert drawn["breakdown.png"][1] == 4 * 3  # four parts stacked for each of three methods
     # Negative control: one bandwidth and one worker count leave only the breakdown.
     one = [r for r in rs if r["spec"]["bandwidth"] == "100mbit" and r["spec"]["workers"] == 2]
     (tmp_path / "one").mkdir()

@@ -153,14 +153,14 @@ def run(args: argparse.Namespace, usage_error: type[Exception]) -> int:
     if args.kernels:
         from gradzip.bench import kernels
 
-        methods = args.methods  # None: every kernel row (kernels.METHODS)
         # One CPU thread, like each worker of the emulated cluster; it also keeps the numbers stable on a
         # shared machine, where a second thread often waits milliseconds for a pre-empted core.
         try:
             timed = [
                 row
                 for shapes in args.shapes
-                for row in kernels.run_kernels(shapes, methods, device=args.device, threads=1)
+                # --methods None: every kernel row (kernels.METHODS)
+                for row in kernels.run_kernels(shapes, args.methods, device=args.device, threads=1)
             ]
         except (ValueError, RuntimeError) as err:
             raise usage_error(str(err)) from None

@@ -89,8 +89,8 @@ class Segments:
 
     With the granule a compressor chooses (64 sign bits, 8 int8 levels: 8 bytes either way), tensor ``t``'s
     payload in the padded body starts where its segment starts in a ``ByteLayout`` of the same tensors, so
-    the body is that layout's byte range as is. ``counts``, ``lengths`` and ``starts`` live on the device the
-    buffer was made on, made once per bucket."""
+    the body is that layout's byte range as is. ``counts``, ``lengths`` and ``start_at`` live on ``device``,
+    made once per bucket."""
 
     def __init__(
         self, sizes: Sequence[int], granule: int, device: torch.device, dtype: torch.dtype = torch.float32

@@ -84,16 +84,22 @@ class QSGD(Compressor):
         norm = torch.linalg.vector_norm(x, dtype=torch.float64).to(torch.float32).reshape(1)
         return [norm, self._levels(x, norm, (k1, k2))], None
 
+    def _keys(self, streams: list[str], step: int, device: torch.device) -> torch.Tensor:
+        """``[len(streams), 2]`` int64 on ``device``: each row's or tensor's key from its own stream, as
+        ``encode`` draws it (on the CPU generator)."""
+        keys = []
+        for stream in streams:
+            self.select_stream(stream, step)
+            keys.append(self._key())
+        return _upload(torch.tensor(keys, dtype=torch.int64).reshape(-1, 2), device)
+
     def _scale(self, norm: torch.Tensor) -> torch.Tensor:
         """``levels / norm`` in float32 (a zero norm as the smallest normal float): ``a = |x| * scale``, one
         multiply per element, in the kernel and in torch alike."""
         return self.levels / norm.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _levels(
-        self,
-        x: torch.Tensor,
-        norm: torch.Tensor,
-        key: tuple[int | torch.Tensor, int | torch.Tensor],
+        self, x: torch.Tensor, norm: torch.Tensor, key: tuple[int | torch.Tensor, int | torch.Tensor]
     ) -> torch.Tensor:
         """The torch path of the rounding: signed levels of ``x`` (``[m]``, or ``[rows, m]`` with ``norm`` and
         the keys ``[rows, 1]``)."""
@@ -120,11 +126,7 @@ class QSGD(Compressor):
     def _encode_rows_batched(
         self, x: torch.Tensor, streams: list[str], step: int
     ) -> tuple[list[torch.Tensor], Any]:
-        keys = []
-        for stream in streams:  # each row's key from its own stream, as encode draws it
-            self.select_stream(stream, step)
-            keys.append(self._key())
-        key = _upload(torch.tensor(keys, dtype=torch.int64).reshape(-1, 2), x.device)
+        key = self._keys(streams, step, x.device)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).to(torch.float32)
         return [norm, self._levels(x, norm, (key[:, :1], key[:, 1:]))], None
 
@@ -141,11 +143,7 @@ class QSGD(Compressor):
         streams: list[str],
         step: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = []
-        for stream in streams:  # each tensor's key from its own stream, as encode draws it (CPU draws)
-            self.select_stream(stream, step)
-            keys.append(self._key())
-        key = _upload(torch.tensor(keys, dtype=torch.int64).reshape(-1, 2), seg.device)
+        key = self._keys(streams, step, seg.device)
         x = seg.cat(xs)  # padding 0: level 0
         if adds is not None:
             x.add_(seg.cat(adds))

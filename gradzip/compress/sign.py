@@ -118,7 +118,7 @@ class ScaledSign(Compressor):
         out = torch.zeros(seg.total, dtype=seg.sum_dtype, device=body.device)
         if self.majority_vote:
             for w in range(world):
-                out.add_(unpack_bits(body[w], seg.total).to(torch.float32).mul_(2).sub_(1))
+                out.add_(self._signs(body[w], seg.total))
             return torch.sign(out).mul_(head.mean(0)[ids])
         for w in range(world):  # one worker at a time, in rank order, as aggregate
             s = head[w][ids]

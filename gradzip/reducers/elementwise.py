@@ -52,6 +52,12 @@ def _all_of(
     return torch.futures.collect_all([a, b])
 
 
+def _copy_raw(bucket: Bucket, plan: _Plan, parts: list[torch.Tensor]) -> None:
+    """The reduced raw tensors back into their gradients."""
+    for part, i in zip(parts, plan.raw, strict=True):
+        bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
+
+
 def _done(like: torch.Tensor) -> Future[torch.Tensor]:
     fut = new_future(like)
     fut.set_result(like)
@@ -167,8 +173,7 @@ class ElementwiseReducer(Reducer):
                 for j, i in enumerate(plan.compressed):
                     g = bucket.grads[i]
                     g.copy_(comp.decode([parts[j]], ctxs[j], g.numel()).view_as(g))
-                for part, i in zip(parts[nc:], plan.raw, strict=True):
-                    bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
+                _copy_raw(bucket, plan, parts[nc:])
 
             return self.defer(bucket, self.comm.all_reduce(msg), finish_sum)
         # not summable: all-gather the payloads, all-reduce the raw tensors (pre-divided: the sum is the mean)
@@ -210,8 +215,7 @@ class ElementwiseReducer(Reducer):
             if gathered is not None:
                 aggregate(gathered.wait())
             if reduced is not None:
-                for part, i in zip(split_message(reduced.wait(), plan.sizes), plan.raw, strict=True):
-                    bucket.grads[i].copy_(part.view_as(bucket.grads[i]))
+                _copy_raw(bucket, plan, split_message(reduced.wait(), plan.sizes))
 
         return self.defer(bucket, _all_of(gathered, reduced, bucket.buffer), finish_gather)
 
